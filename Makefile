@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedglioma demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra $(ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit $(ARGS)
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_model.py $(ARGS)
+
+bench-missing: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_missing.py $(ARGS)
+
+bench-ssl: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_ssl.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,257 @@
+"""Typed, frozen experiment configuration and its one-way flow.
+
+Hydra composes ``configs/`` into a nested mapping; :func:`from_mapping` turns it into the frozen
+:class:`ExperimentConfig`; :func:`to_run_config` flattens that into Flower's run-config (scalar
+values only, keys ``"section.field"``); :func:`from_run_config` rebuilds the identical dataclass
+from ``context.run_config`` on the server and on every site. No other code reads raw config keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network size and variants (see :class:`common.model.MultiTaskGliomaNet`)."""
+
+    preset: str = "tiny"
+    stem_channels: int = 8  # channels of each per-sequence stem
+    base_channels: int = 16  # channels of the first encoder stage (doubled per stage)
+    d_model: int = 64  # transformer width at 1/8 resolution
+    transformer_layers: int = 2
+    heads: int = 4
+    dropout: float = 0.2  # classifier dropout (also used for MC-dropout)
+    feature_dropout: float = 0.0  # dropout on encoder features (consistency training)
+    fusion: str = "weighted"  # "weighted" (GMMAS eq. 1) or "experts" (GMENet DWEFM)
+    imputation: bool = False  # generative imputation of missing sequences (GMENet CGGM)
+    classifier_hidden: int = 64
+    survival_head: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How cases are loaded and shaped."""
+
+    size: int = 32  # cubic network input size (voxels)
+    val_fraction: float = 0.2
+    batch_size: int = 2
+    num_workers: int = 0
+    split_seed: int = 0
+    cache: bool = True  # keep preprocessed cases in memory (small sites)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation, shared by site training and the centralized/local baselines."""
+
+    optimizer: str = "adamw"  # "adamw" or "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    local_epochs: int = 1
+    grad_clip: float = 5.0
+    cls_loss: str = "weighted_ce"  # "weighted_ce", "balanced_softmax" or "focal"
+    focal_gamma: float = 2.0
+    task_weighting: str = "uncertainty"  # "uncertainty" (Kendall) or "equal"
+    amp: bool = True  # only takes effect on CUDA
+    seed: int = 0
+    threads: int = 0  # CPU threads for torch; 0 = all cores
+    max_steps: int = 0  # 0 = whole epochs; >0 caps steps per local round (benchmarks)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ImputationConfig:
+    """Self-supervised pre-training of the imputation module (GMENet)."""
+
+    pretrain_rounds: int = 0  # first federated rounds that run imputation pre-training
+    pretrain_epochs: int = 1  # epochs for centralized pre-training
+    mask_prob: float = 0.5  # probability of masking each sequence of a complete case
+    freeze: bool = True  # freeze the imputer after pre-training
+    kl_weight: float = 0.1
+    cycle_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    """Local pseudo-labeling and consistency regularization."""
+
+    enabled: bool = False
+    warmup_rounds: int = 2  # supervised rounds before pseudo-labeling starts
+    tau_c: float = 0.95  # confidence threshold
+    tau_u: float = 0.1  # uncertainty threshold (std of MC-dropout probabilities)
+    mc_passes: int = 10
+    distribution_alignment: bool = True
+    consistency: bool = False  # stage 2: EMA teacher, weak/strong augmentation
+    consistency_weight: float = 1.0
+    ema_decay: float = 0.99
+    pseudo_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, strategy and the server's bounds."""
+
+    rounds: int = 3
+    strategy: str = "fedavg"  # "fedavg" or "fedprox"
+    proximal_mu: float = 0.01
+    min_nodes: int = 2
+    node_wait_s: float = 300.0  # give up (clear error) when nodes do not connect in time
+    round_timeout_s: float = 3600.0
+    evaluate_sites: bool = True  # per-site validation metrics every round
+    heldout: str = ""  # absolute path of the held-out center (server side)
+    out_dir: str = "runs"  # parent of run folders; made absolute by the launcher
+    run_name: str = "demo"
+    resume: bool = True  # continue from <run folder>/checkpoints/last.pt when present
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    imputation: ImputationConfig = field(default_factory=ImputationConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "imputation": ImputationConfig,
+    "ssl": SSLConfig,
+    "federation": FederationConfig,
+}
+
+
+def _coerce(section: str, name: str, ftype: Any, value: Any) -> Scalar:
+    """Convert ``value`` to the field's declared scalar type, or raise a ConfigError."""
+    key = f"{section}.{name}"
+    target = {"bool": bool, "int": int, "float": float, "str": str}.get(str(ftype), ftype)
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false"}:
+            return value.lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if target is int:
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if target is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if target is str:
+        if value is None:
+            return ""
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {ftype!r}")
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def from_mapping(mapping: Mapping[str, Any]) -> ExperimentConfig:
+    """Build the frozen config from a nested mapping (e.g. a composed Hydra config).
+
+    Unknown sections or keys raise :class:`ConfigError` with a "did you mean" hint; missing keys
+    take the dataclass defaults.
+    """
+    sections: dict[str, Any] = {}
+    for sname, values in mapping.items():
+        if sname not in _SECTION_TYPES:
+            raise ConfigError(f"unknown config section {sname!r}{_suggest(sname, list(_SECTION_TYPES))}")
+        stype = _SECTION_TYPES[sname]
+        known = {f.name: f for f in fields(stype)}
+        kwargs: dict[str, Scalar] = {}
+        for key, value in (values or {}).items():
+            if key not in known:
+                raise ConfigError(f"unknown config key {sname}.{key}{_suggest(key, list(known))}")
+            kwargs[key] = _coerce(sname, key, known[key].type, value)
+        sections[sname] = stype(**kwargs)
+    cfg = ExperimentConfig(**sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Reject values that are of the right type but make no sense."""
+    choices = {
+        ("model", "fusion"): ("weighted", "experts"),
+        ("train", "optimizer"): ("adamw", "sgd"),
+        ("train", "cls_loss"): ("weighted_ce", "balanced_softmax", "focal"),
+        ("train", "task_weighting"): ("uncertainty", "equal"),
+        ("federation", "strategy"): ("fedavg", "fedprox"),
+    }
+    for (sname, key), allowed in choices.items():
+        value = getattr(getattr(cfg, sname), key)
+        if value not in allowed:
+            raise ConfigError(f"{sname}.{key}={value!r} is not one of {allowed}{_suggest(value, list(allowed))}")
+    if cfg.data.size % 8:
+        raise ConfigError(f"data.size={cfg.data.size} must be a multiple of 8 (the encoder downsamples 3 times)")
+    if cfg.model.d_model % cfg.model.heads:
+        raise ConfigError(f"model.d_model={cfg.model.d_model} must be divisible by model.heads={cfg.model.heads}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
+
+
+def to_mapping(cfg: ExperimentConfig) -> dict[str, dict[str, Scalar]]:
+    """Nested plain dict (for ``config.yaml`` in the run folder)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_run_config(cfg: ExperimentConfig) -> dict[str, Scalar]:
+    """Flatten to Flower's run-config: ``{"model.d_model": 64, ...}``."""
+    return {f"{s}.{k}": v for s, section in to_mapping(cfg).items() for k, v in section.items()}
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """Rebuild the frozen config from a flat run-config; keys not of the form
+    ``section.field`` of this config (Flower's own, if any) are ignored."""
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in run_config.items():
+        if "." not in key:
+            continue
+        sname, name = key.split(".", 1)
+        if sname in _SECTION_TYPES:
+            nested.setdefault(sname, {})[name] = value
+    return from_mapping(nested)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> ExperimentConfig:
+    """Compose ``configs/<config_name>.yaml`` with Hydra overrides (``model=demo``,
+    ``federation.rounds=5``) and return the frozen config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        composed = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    return from_mapping(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
+
+
+def replace(cfg: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentConfig:
+    """Return a copy with some fields of some sections changed: ``replace(cfg, train={"lr": 0.1})``."""
+    merged = to_mapping(cfg)
+    for sname, values in sections.items():
+        merged.setdefault(sname, {}).update(values)
+    return from_mapping(merged)
