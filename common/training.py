@@ -1,0 +1,268 @@
+"""The local training engine shared by site training (ClientApp) and the baselines.
+
+One :class:`LocalTrainer` runs epochs of one *stage* over a site's training loader:
+
+* ``supervised``   - segmentation + molecular tasks (Dice+CE, masked per-task CE, uncertainty
+  task weighting); optional FedProx proximal term towards the received global weights;
+* ``pretrain_imputer`` - self-supervised pre-training of the imputation module on complete
+  cases (GMENet); the rest of the network is untouched.
+
+Pseudo-labels (a later stage) plug in through ``batch_hook``: a callable that may add
+``labels``/``label_weight`` entries to a batch before the loss is computed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import ExperimentConfig
+from common.constants import TASKS
+
+STAGES: tuple[str, ...] = ("supervised", "pretrain_imputer")
+
+Batch = dict[str, torch.Tensor]
+BatchHook = Callable[[Batch], Batch]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message says where and what to try."""
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def configure_runtime(cfg: ExperimentConfig, device: torch.device) -> None:
+    """Seeds, threads and cuDNN settings for one training process."""
+    from monai.utils import set_determinism
+
+    set_determinism(seed=cfg.train.seed)
+    if device.type == "cuda":
+        # Fixed input sizes: let cuDNN pick the fastest kernels (determinism off on purpose).
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
+    else:
+        threads = cfg.train.threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+
+
+def move_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+
+
+def label_statistics(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task class counts (T, 2) and inverse-frequency class weights (T, 2) of real labels."""
+    from common.losses import class_weights_from_labels
+
+    counts = torch.zeros(len(TASKS), 2)
+    for t in range(len(TASKS)):
+        column = labels[:, t]
+        for c in range(2):
+            counts[t, c] = float((column == c).sum())
+    return counts, class_weights_from_labels(labels)
+
+
+@dataclass
+class StageResult:
+    """Scalar summary of one local stage (safe to send to the server)."""
+
+    metrics: dict[str, float]
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+
+class LocalTrainer:
+    """Runs local epochs of one stage for a :class:`common.model.MultiTaskGliomaNet`.
+
+    Args:
+        model: the network (moved to ``device`` here).
+        cfg: the experiment config (train section used).
+        device: where to train.
+        labels: (N, T) real labels of the training cases (class weights, balanced softmax).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ExperimentConfig,
+        device: torch.device,
+        labels: np.ndarray,
+    ) -> None:
+        from common.losses import MultiTaskLoss
+
+        self.model = model.to(device)
+        self.cfg = cfg
+        self.device = device
+        counts, weights = label_statistics(labels)
+        self.loss_fn = MultiTaskLoss(
+            tasks=TASKS,
+            cls_loss=cfg.train.cls_loss,
+            focal_gamma=cfg.train.focal_gamma,
+            class_weights=weights,
+            class_counts=counts,
+            task_weighting=cfg.train.task_weighting,
+        ).to(device)
+        self.use_amp = cfg.train.amp and device.type == "cuda"
+
+    # ------------------------------------------------------------------ stages
+    def run(
+        self,
+        loader: Iterable[Batch],
+        *,
+        stage: str = "supervised",
+        epochs: int = 1,
+        lr: float | None = None,
+        proximal_mu: float = 0.0,
+        batch_hook: BatchHook | None = None,
+        desc: str = "train",
+    ) -> StageResult:
+        """Train ``epochs`` epochs of ``stage``; returns scalar metrics (mean losses, steps, time)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
+        lr = self.cfg.train.lr if lr is None else lr
+        if stage == "pretrain_imputer":
+            return self._run_pretrain(loader, epochs=epochs, lr=lr, desc=desc)
+        return self._run_supervised(
+            loader, epochs=epochs, lr=lr, proximal_mu=proximal_mu, batch_hook=batch_hook, desc=desc
+        )
+
+    def _progress(self, loader: Iterable[Batch], desc: str) -> Iterable[Batch]:
+        if not self.cfg.train.progress:
+            return loader
+        from tqdm.auto import tqdm
+
+        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, where: str) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) {where}. Lower train.lr, enable "
+                "train.grad_clip, or run `fedglioma check-site` on the data (NaN/constant volumes)."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.cfg.train.grad_clip
+            )
+        scaler.step(optimizer)
+        scaler.update()
+
+    def _run_supervised(
+        self,
+        loader: Iterable[Batch],
+        *,
+        epochs: int,
+        lr: float,
+        proximal_mu: float,
+        batch_hook: BatchHook | None,
+        desc: str,
+    ) -> StageResult:
+        model = self.model
+        model.train()
+        optimizer = build_optimizer(model, self.cfg, lr)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        anchor = (
+            [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else None
+        )
+        sums: dict[str, float] = {}
+        steps = 0
+        start = time.perf_counter()
+        for epoch in range(epochs):
+            for batch in self._progress(loader, f"{desc} {epoch + 1}/{epochs}"):
+                batch = move_batch(batch, self.device)
+                if batch_hook is not None:
+                    batch = batch_hook(batch)
+                with torch.autocast(self.device.type, enabled=self.use_amp):
+                    output = model(batch["image"], batch["available"])
+                    result = self.loss_fn(output, batch, model.task_weighting)
+                loss = result.total.float()
+                if anchor is not None:
+                    # FedProx proximal term (Li et al. 2020): mu/2 * ||w - w_global||^2.
+                    prox = sum(
+                        ((p - a) ** 2).sum()
+                        for p, a in zip((p for p in model.parameters() if p.requires_grad), anchor)
+                    )
+                    loss = loss + 0.5 * proximal_mu * prox
+                self._step(loss, optimizer, scaler, f"at epoch {epoch + 1}, step {steps + 1} ({desc})")
+                steps += 1
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                for name, value in result.terms.items():
+                    sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
+                if self.cfg.train.max_steps and steps >= self.cfg.train.max_steps:
+                    break
+            if self.cfg.train.max_steps and steps >= self.cfg.train.max_steps:
+                break
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics.update(steps=float(steps), seconds=time.perf_counter() - start)
+        return StageResult(metrics)
+
+    def _run_pretrain(self, loader: Iterable[Batch], *, epochs: int, lr: float, desc: str) -> StageResult:
+        """GMENet stage 1: train only the imputer to reconstruct masked sequences' features."""
+        from common.imputation import imputation_pretrain_loss
+
+        model = self.model
+        imputer = getattr(model, "imputer", None)
+        if imputer is None:
+            raise ValueError("stage 'pretrain_imputer' needs model.imputation=true")
+        model.eval()  # stems give fixed targets; only the imputer learns
+        imputer.train()
+        optimizer = torch.optim.AdamW(imputer.parameters(), lr=lr, weight_decay=self.cfg.train.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        icfg = self.cfg.imputation
+        sums: dict[str, float] = {}
+        steps = complete = 0
+        start = time.perf_counter()
+        for epoch in range(epochs):
+            for batch in self._progress(loader, f"{desc} imputer {epoch + 1}/{epochs}"):
+                batch = move_batch(batch, self.device)
+                if not bool(batch["available"].all(dim=1).any()):
+                    continue  # no complete case in this batch: nothing to learn from
+                with torch.no_grad():
+                    features = model.encode_sequences(batch["image"], batch["available"])
+                with torch.autocast(self.device.type, enabled=self.use_amp):
+                    loss, terms = imputation_pretrain_loss(
+                        imputer,
+                        features,
+                        batch["available"],
+                        mask_prob=icfg.mask_prob,
+                        kl_weight=icfg.kl_weight,
+                        cycle_weight=icfg.cycle_weight,
+                        generator=generator,
+                    )
+                self._step(loss.float(), optimizer, scaler, f"in imputer pre-training, epoch {epoch + 1}")
+                steps += 1
+                complete += int(terms.get("n_complete", 0))
+                sums["loss_impute"] = sums.get("loss_impute", 0.0) + float(loss.detach())
+                for name, value in terms.items():
+                    if name != "n_complete":
+                        sums[f"loss_impute_{name}"] = sums.get(f"loss_impute_{name}", 0.0) + float(value)
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics.update(steps=float(steps), complete_cases_seen=float(complete), seconds=time.perf_counter() - start)
+        return StageResult(metrics)
+
+
+def finite_or_nan(value: float) -> float:
+    """Map inf to NaN so metrics stay JSON-serialisable as null."""
+    return value if math.isfinite(value) else float("nan")

@@ -1,0 +1,103 @@
+"""The ServerApp: configure, initialise or resume, run the strategy, score every global model on
+the held-out center, keep the run folder (metrics.json, checkpoints, report) up to date."""
+
+from __future__ import annotations
+
+import math
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from common.config import ExperimentConfig, from_run_config
+from server.schedule import RoundSchedule
+from server.strategy import build_strategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, from_run_config(context.run_config))
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run (or resume) the configured federation on ``grid``; returns metrics.json's ``final``."""
+    from common.model import build_model
+    from common.report import write_report
+    from common.run_folder import RunFolder
+    from server.heldout import HeldoutEvaluator
+
+    # The ServerApp runs in the SuperLink's working directory: only absolute paths are safe.
+    out_dir = Path(cfg.federation.out_dir)
+    if not out_dir.is_absolute():
+        raise ValueError(
+            f"federation.out_dir={cfg.federation.out_dir!r} must be an absolute path: the ServerApp "
+            "runs in the SuperLink's working directory (fedglioma demo sets it for you)"
+        )
+    heldout = HeldoutEvaluator(cfg.federation.heldout, cfg)
+    folder = RunFolder(out_dir / cfg.federation.run_name, cfg, resume=cfg.federation.resume)
+    model = build_model(cfg.model, cfg.data.size)
+    state = folder.resume_state()
+    offset = 0
+    if state is not None:
+        model.load_state_dict(state.state_dict)
+        offset = state.next_round - 1
+        log(INFO, "resuming %s after round %d", folder.root, offset)
+    remaining = cfg.federation.rounds - offset
+    schedule = RoundSchedule(cfg, offset=offset)
+    strategy = build_strategy(
+        cfg.federation.strategy,
+        schedule=schedule,
+        min_nodes=cfg.federation.min_nodes,
+        node_wait_s=cfg.federation.node_wait_s,
+        proximal_mu=cfg.federation.proximal_mu,
+    )
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        global_round = schedule.global_round(server_round)
+        if server_round == 0 and offset > 0:
+            return None  # round `offset` was scored before the restart
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = heldout.evaluate(model)
+        round_log = strategy.pop_round()
+        folder.record_round(
+            global_round,
+            heldout=metrics,
+            sites=round_log["sites"],
+            train=round_log["train"],
+            extra={
+                "stage": "initial" if global_round == 0 else schedule.stage(global_round),
+                "rejected": round_log["rejected"],
+                "failures": round_log["failures"],
+                "skipped": round_log["skipped"],
+            },
+        )
+        folder.save_checkpoint(global_round, model.state_dict(), metrics)
+        write_report(folder.root)
+        log(INFO, "round %d held-out: %s", global_round, _brief(metrics))
+        return MetricRecord({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
+
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=remaining,
+            timeout=cfg.federation.round_timeout_s,
+            train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord({}),
+            evaluate_fn=evaluate_fn,
+        )
+    else:
+        log(INFO, "%s already has all %d rounds; nothing to train", folder.root, cfg.federation.rounds)
+    final = folder.finalize(extra={"heldout_cases": heldout.n_cases, "mode": "federated"})
+    write_report(folder.root)
+    return final
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    keys = ("dice_wt", "dice_tc", "dice_et", "auc_idh", "auc_1p19q", "auc_grade", "auc_mgmt")
+    return " ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)

@@ -1,0 +1,39 @@
+"""Scoring global models on the held-out, independent center (never trained on)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.config import ExperimentConfig
+
+
+class HeldoutEvaluator:
+    """Loads and validates the held-out center once, then scores any model on all of its cases."""
+
+    def __init__(self, root: Path | str, cfg: ExperimentConfig, device: torch.device | None = None) -> None:
+        from common.dataset import make_loader
+        from common.site import load_site
+        from common.training import select_device
+
+        if not str(root):
+            raise ValueError(
+                "federation.heldout is empty: set it to the held-out center's folder, e.g. "
+                "federation.heldout=/data/heldout (an absolute path on the SuperLink host)"
+            )
+        self.index = load_site(Path(root))
+        self.loader = make_loader(self.index.cases, cfg.data, train=False)
+        self.device = device or select_device("auto")
+        self.progress = cfg.train.progress
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.index.cases)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        from common.evaluation import evaluate
+
+        model.to(self.device)
+        return evaluate(model, self.loader, self.device, progress=self.progress, desc="held-out")
