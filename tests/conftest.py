@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny synthetic sites written into tmp_path (see tests/helpers.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# `from tests.helpers import write_case` must work however pytest is started (`pytest`,
+# `python -m pytest`, from another folder): put the repository root on the import path.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests.helpers import write_site  # noqa: E402
+
+
+@pytest.fixture
+def site_dir(tmp_path: Path) -> Path:
+    """A valid six-case 16^3 site (``tests.helpers.SITE_CASES``) at ``tmp_path/site-a``."""
+    return write_site(tmp_path / "site-a")

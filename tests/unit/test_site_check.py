@@ -1,0 +1,113 @@
+"""``fedglioma check-site``: exit codes, the readable report and the JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from common import site_check
+from tests.helpers import SITE_CASES, case_path, write_case, write_labels_csv
+
+ROW = ("wildtype", "intact", "HGG", "methylated")
+
+
+def check(*argv: str | Path) -> int:
+    parser = argparse.ArgumentParser()
+    site_check.add_arguments(parser)
+    return site_check.run(parser.parse_args([str(a) for a in argv]))
+
+
+def json_report(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, dict]:
+    code = check(*argv, "--json")
+    return code, json.loads(capsys.readouterr().out)  # fails unless stdout is pure JSON
+
+
+def test_good_site_reports_counts(site_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = json_report(capsys, site_dir)
+    assert code == 0 and out["ok"] is True
+    (site,) = out["sites"]
+    assert site["site"] == "site-a" and site["usable"] == 6 and site["rejected"] == [] and "error" not in site
+    assert site["sequences"] == {"t1": 5, "t1ce": 4, "t2": 6, "flair": 6}
+    assert site["patterns"] == {"t1+t1ce+t2+flair": 4, "t1+t2+flair": 1, "t2+flair": 1}
+    assert site["labels"]["grade"] == {"LGG": 3, "HGG": 2, "unknown": 1}
+    assert site["labels"]["1p19q"] == {"intact": 2, "codeleted": 2, "unknown": 2}
+    assert site["segmentations"] == 5 and site["legacy_et_remapped"] == ["case-002"]
+    assert site["naming"] == {"brats2021": 3, "brats2023": 3} and site["complete"] == 4
+
+    assert check(site_dir) == 0
+    text = capsys.readouterr().out
+    assert "usable cases: 6 of 6" in text and "remapped to 3 on load: case-002" in text
+    assert "t2+flair" in text and "unknown 1" in text
+
+
+def test_mixed_site_lists_every_rejection_with_reason_and_fix(
+    site_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_case(site_dir, "broken")
+    path = case_path(site_dir, "broken", "flair")
+    path.write_bytes(path.read_bytes()[:-100])
+    write_case(site_dir, "unlisted")
+    rows = [(c, *labels) for c, *_, labels in SITE_CASES] + [("broken", *ROW), ("ghost", *ROW)]
+    write_labels_csv(site_dir, rows)
+
+    code, out = json_report(capsys, site_dir)
+
+    assert code == 0
+    (site,) = out["sites"]
+    assert site["usable"] == 6 and site["rejected_count"] == 3
+    rejected = {r["case_id"]: r for r in site["rejected"]}
+    assert set(rejected) == {"broken", "unlisted", "ghost"}
+    assert rejected["broken"]["path"].endswith("broken_flair.nii.gz") and "cannot be read" in rejected["broken"]["reason"]
+    assert "add a row for unlisted" in rejected["unlisted"]["fix"]
+    assert "no folder" in rejected["ghost"]["reason"]
+
+    assert check(site_dir) == 0
+    text = capsys.readouterr().out
+    assert "Rejected cases (3):" in text
+    assert text.count("reason:") == 3 and text.count("fix:") == 3
+
+
+def test_site_with_nothing_usable_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = tmp_path / "site-c"
+    write_case(site, "c1")
+    write_labels_csv(site, [("c1", "IDH-mutant", "", "", "")])
+
+    code, out = json_report(capsys, site)
+
+    assert code == 1 and out["ok"] is False
+    (report,) = out["sites"]
+    assert report["usable"] == 0 and "no usable case" in report["error"]
+    assert "unknown value 'IDH-mutant'" in report["rejected"][0]["reason"]
+    assert check(site) == 1
+    captured = capsys.readouterr()
+    assert "ERROR: site site-c has no usable case" in captured.out and "unusable: site-c" in captured.err
+
+
+def test_broken_labels_csv_exits_1_and_missing_folder_exits_2(
+    site_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (site_dir / "labels.csv").write_text("case_id,idh\ncase-001,mutant\n")
+    code, out = json_report(capsys, site_dir)
+    assert code == 1 and "missing required column(s) codeletion_1p19q, grade, mgmt" in out["sites"][0]["error"]
+
+    code, out = json_report(capsys, tmp_path / "nope")
+    assert code == 2 and "does not exist" in out["sites"][0]["error"]
+    assert check(tmp_path / "nope") == 2
+    assert "does not exist" in capsys.readouterr().out
+
+
+def test_cohort_folder_is_explained(site_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = json_report(capsys, site_dir.parent)
+    assert code == 1 and "looks like a cohort folder holding the sites site-a" in out["sites"][0]["error"]
+
+
+def test_shallow_mode_skips_voxels(site_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = case_path(site_dir, "case-001", "t1")
+    path.write_bytes(path.read_bytes()[:-100])
+    _, shallow = json_report(capsys, site_dir, "--shallow")
+    _, deep = json_report(capsys, site_dir)
+    assert shallow["sites"][0]["usable"] == 6 and shallow["sites"][0]["deep"] is False
+    assert deep["sites"][0]["usable"] == 5 and deep["sites"][0]["rejected"][0]["case_id"] == "case-001"
