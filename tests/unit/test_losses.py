@@ -1,0 +1,226 @@
+"""Multi-task loss (common.losses): masking, class weights, loss variants, uncertainty weighting."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.config import compose
+from common.constants import TASKS, UNKNOWN_LABEL
+from common.losses import MultiTaskLoss, UncertaintyWeighting, class_weights_from_labels
+from common.model import GliomaOutput, MultiTaskGliomaNet, build_model
+
+SIZE = 16
+U = UNKNOWN_LABEL
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """Tiny volumes: intra-op threading only adds overhead (and stalls badly on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def model() -> MultiTaskGliomaNet:
+    torch.manual_seed(0)
+    return build_model(compose(["model=tiny"]).model, SIZE).train()
+
+
+def _batch(labels: list[list[int]], has_seg: list[bool], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b = len(labels)
+    available = torch.ones(b, 4, dtype=torch.bool)
+    available[0, 0] = False  # one case misses T1, as at real sites
+    return {
+        "image": torch.randn(b, 4, SIZE, SIZE, SIZE, generator=g) * available[:, :, None, None, None],
+        "available": available,
+        "seg": torch.randint(0, 4, (b, 1, SIZE, SIZE, SIZE), generator=g),
+        "has_seg": torch.tensor(has_seg),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "spacing": torch.ones(b, 3),
+        "index": torch.arange(b),
+    }
+
+
+def _logits_output(cls: dict[str, torch.Tensor], b: int = 2) -> GliomaOutput:
+    """An output with fixed, known logits (segmentation irrelevant: has_seg all False)."""
+    return GliomaOutput(seg_logits=torch.zeros(b, 4, 2, 2, 2, requires_grad=True), cls_logits=cls, aux={})
+
+
+def _grads(model: MultiTaskGliomaNet, prefix: str) -> list[torch.Tensor | None]:
+    return [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
+
+
+def _nonzero(grads: list[torch.Tensor | None]) -> bool:
+    return any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_no_label_for_a_task_is_finite_and_other_terms_still_train(model: MultiTaskGliomaNet) -> None:
+    batch = _batch([[0, U, 1, 0], [1, U, 0, U]], [True, True])
+    loss_fn = MultiTaskLoss()
+
+    result = loss_fn(model(batch["image"], batch["available"]), batch, model.task_weighting)
+    result.total.backward()
+
+    assert torch.isfinite(result.total)
+    assert set(result.terms) == {"seg", "cls_idh", "cls_1p19q", "cls_grade", "cls_mgmt"}
+    assert result.terms["cls_1p19q"] == 0.0 and result.terms["seg"] > 0 and result.terms["cls_idh"] > 0
+    assert _nonzero(_grads(model, "decoder.")) and _nonzero(_grads(model, "classifier.heads.idh."))
+    assert not _nonzero(_grads(model, "classifier.heads.1p19q."))
+    log_var_grad = model.task_weighting.log_vars.grad
+    assert log_var_grad[TASKS.index("1p19q") + 1] == 0  # no regulariser pull on an absent term
+    assert log_var_grad[0] != 0 and log_var_grad[1] != 0
+
+
+def test_batch_without_segmentation_trains_the_classifier_only(model: MultiTaskGliomaNet) -> None:
+    batch = _batch([[0, 1, 1, 0], [1, 0, 0, 1]], [False, False])
+
+    result = MultiTaskLoss()(model(batch["image"], batch["available"]), batch, model.task_weighting)
+    result.total.backward()
+
+    assert torch.isfinite(result.total) and result.terms["seg"] == 0.0
+    assert _nonzero(_grads(model, "classifier.")) and _nonzero(_grads(model, "encoder."))
+    assert not _nonzero(_grads(model, "decoder."))
+    assert model.task_weighting.log_vars.grad[0] == 0
+
+
+def test_batch_with_nothing_to_learn_gives_zero_that_backpropagates(model: MultiTaskGliomaNet) -> None:
+    batch = _batch([[U, U, U, U], [U, U, U, U]], [False, False])
+
+    result = MultiTaskLoss()(model(batch["image"], batch["available"]), batch, model.task_weighting)
+    result.total.backward()
+
+    assert result.total.item() == 0.0
+    assert all(v == 0.0 for v in result.terms.values())
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in _grads(model, ""))
+
+
+def test_masked_samples_do_not_affect_the_loss(model: MultiTaskGliomaNet) -> None:
+    batch = _batch([[0, U, 1, 0], [1, 1, 0, U]], [True, False])
+    with torch.no_grad():
+        output = model.eval()(batch["image"], batch["available"])
+    loss_fn = MultiTaskLoss()
+    reference = loss_fn(output, batch, model.task_weighting).total
+
+    # A zero label weight hides a label; a case without has_seg hides its segmentation.
+    changed = dict(batch)
+    changed["label_weight"] = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    changed["labels"] = batch["labels"].clone()
+    changed["labels"][1, 0] = 0  # was 1: now a different (but masked) label
+    changed["seg"] = batch["seg"].clone()
+    changed["seg"][1] = 3 - changed["seg"][1]
+    masked_reference = loss_fn(output, {**batch, "label_weight": changed["label_weight"]}, model.task_weighting).total
+
+    assert not torch.isclose(masked_reference, reference)  # the weight really masks something
+    torch.testing.assert_close(loss_fn(output, changed, model.task_weighting).total, masked_reference)
+
+
+def test_label_weight_scales_pseudo_labels() -> None:
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    cls = {t: logits for t in TASKS}
+    batch = {
+        "seg": torch.zeros(2, 1, 2, 2, 2, dtype=torch.int64),
+        "has_seg": torch.tensor([False, False]),
+        "labels": torch.tensor([[1, U, U, U], [0, U, U, U]]),
+    }
+    loss_fn = MultiTaskLoss()
+    full = loss_fn(_logits_output(cls), batch, UncertaintyWeighting(("seg", *TASKS))).terms["cls_idh"]
+    half = loss_fn(
+        _logits_output(cls), {**batch, "label_weight": torch.full((2, 4), 0.5)}, UncertaintyWeighting(("seg", *TASKS))
+    ).terms["cls_idh"]
+
+    expected = F.cross_entropy(logits, torch.tensor([1, 0]))
+    torch.testing.assert_close(full, expected)
+    torch.testing.assert_close(half, 0.5 * expected)
+
+
+def test_class_weights_from_labels() -> None:
+    labels = np.array([[0, U, 1, 0], [0, U, 1, 1], [0, U, 1, U], [1, U, 1, U]])
+
+    weights = class_weights_from_labels(labels)
+
+    # idh: 3 x class 0, 1 x class 1 -> N / (2 n_c) = 4/6, 4/2.
+    torch.testing.assert_close(weights[0], torch.tensor([4 / 6, 2.0]))
+    torch.testing.assert_close(weights[1], torch.ones(2))  # no labels at all
+    torch.testing.assert_close(weights[2], torch.ones(2))  # a single class seen
+    torch.testing.assert_close(weights[3], torch.ones(2))  # balanced
+    torch.testing.assert_close(class_weights_from_labels(torch.from_numpy(labels)), weights)
+    with pytest.raises(ValueError, match="values \\[2\\]"):
+        class_weights_from_labels(np.array([[0], [2]]))
+
+
+def test_weighted_ce_matches_hand_computed_value() -> None:
+    logits = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    labels = torch.tensor([[0, U, U, U], [1, U, U, U], [U, U, U, U]])
+    weights = torch.ones(4, 2)
+    weights[0] = torch.tensor([0.5, 2.0])
+    loss_fn = MultiTaskLoss(class_weights=weights)
+    batch = {"seg": torch.zeros(3, 1, 2, 2, 2, dtype=torch.int64), "has_seg": torch.zeros(3, dtype=torch.bool), "labels": labels}
+
+    terms = loss_fn(_logits_output({t: logits for t in TASKS}, b=3), batch, UncertaintyWeighting(("seg", *TASKS))).terms
+
+    ce0 = -math.log(math.exp(1) / (math.exp(1) + 1))
+    ce1 = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert terms["cls_idh"].item() == pytest.approx((0.5 * ce0 + 2.0 * ce1) / 2, rel=1e-5)
+
+
+def test_balanced_softmax_and_focal_are_finite_and_correct() -> None:
+    logits = torch.tensor([[1.0, -0.5], [0.2, 0.4]], requires_grad=True)
+    labels = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1]])
+    counts = torch.tensor([[30.0, 10.0], [5.0, 0.0], [0.0, 0.0], [1.0, 1.0]])  # incl. unseen classes
+    batch = {"seg": torch.zeros(2, 1, 2, 2, 2, dtype=torch.int64), "has_seg": torch.zeros(2, dtype=torch.bool), "labels": labels}
+    cls = {t: logits for t in TASKS}
+    weighting = UncertaintyWeighting(("seg", *TASKS))
+
+    balanced = MultiTaskLoss(cls_loss="balanced_softmax", class_counts=counts)(_logits_output(cls), batch, weighting)
+    focal = MultiTaskLoss(cls_loss="focal", focal_gamma=2.0)(_logits_output(cls), batch, weighting)
+    focal0 = MultiTaskLoss(cls_loss="focal", focal_gamma=0.0)(_logits_output(cls), batch, weighting)
+    plain = MultiTaskLoss()(_logits_output(cls), batch, weighting)
+    (balanced.total + focal.total).backward()
+
+    assert torch.isfinite(balanced.total) and torch.isfinite(focal.total)
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    prior = torch.log(torch.tensor([31.0, 11.0]) / 42.0)
+    expected = F.cross_entropy(logits.detach() + prior, labels[:, 0])
+    torch.testing.assert_close(balanced.terms["cls_idh"], expected)
+    for name in plain.terms:  # gamma = 0 reduces the focal loss to cross-entropy
+        torch.testing.assert_close(focal0.terms[name], plain.terms[name])
+    assert all(focal.terms[n] < plain.terms[n] for n in plain.terms if n != "seg")
+
+
+def test_uncertainty_weighting_matches_hand_computed_example() -> None:
+    weighting = UncertaintyWeighting(("seg", "idh", "mgmt"))
+    with torch.no_grad():
+        weighting.log_vars.copy_(torch.tensor([0.5, -0.2, 1.0]))
+    losses = {"seg": torch.tensor(2.0), "idh": torch.tensor(3.0)}  # mgmt absent in this batch
+
+    total = weighting(losses)
+    total.backward()
+
+    expected = math.exp(-0.5) * 2.0 + 0.5 + math.exp(0.2) * 3.0 - 0.2
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    # d/ds (exp(-s) L + s) = 1 - exp(-s) L; an absent term's s gets no gradient at all.
+    expected_grad = torch.tensor([1 - math.exp(-0.5) * 2.0, 1 - math.exp(0.2) * 3.0, 0.0])
+    torch.testing.assert_close(weighting.log_vars.grad, expected_grad)
+    assert weighting(losses, mode="equal").item() == pytest.approx(5.0)
+
+
+def test_invalid_loss_configuration_raises() -> None:
+    with pytest.raises(ValueError, match="did you mean 'focal'"):
+        MultiTaskLoss(cls_loss="focall")
+    with pytest.raises(ValueError, match="needs class_counts"):
+        MultiTaskLoss(cls_loss="balanced_softmax")
+    with pytest.raises(ValueError, match="did you mean 'equal'"):
+        MultiTaskLoss(task_weighting="equals")
+    with pytest.raises(ValueError, match="shape \\(4, 2\\)"):
+        MultiTaskLoss(class_weights=torch.ones(3, 2))
+    with pytest.raises(KeyError, match="survival"):
+        UncertaintyWeighting(("seg", "idh"))({"survival": torch.tensor(1.0)})
