@@ -1,0 +1,78 @@
+"""MC-dropout epistemic uncertainty (Gal & Ghahramani 2016; MTTU-Net, GMMAS eq. 6).
+
+At inference the dropout layers are switched on while everything else (normalisation layers)
+stays in eval mode; the spread of the softmax probabilities over T stochastic passes is the
+epistemic uncertainty:  U(x) = sqrt(1/T sum_m (f_m(x) - mean f(x))^2).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+#: Modules that drop activations when ``training`` is True.
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+#: Modules that read their *own* ``training`` flag to decide on dropout: MultiheadAttention
+#: applies attention-weight dropout only when training, and Transformer{Encoder,Decoder}Layer in
+#: eval mode under no_grad take a fused "fast path" that skips all their Dropout children. Their
+#: flag is set alone (not recursively), so their LayerNorm children stay in eval mode.
+DROPOUT_OWNERS: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+@contextmanager
+def mc_dropout(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the whole model except its dropout (incl. inside transformer layers).
+
+    Restores every module's previous ``training`` flag on exit, also after an exception.
+    """
+    previous = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        for module in model.modules():
+            if isinstance(module, DROPOUT_TYPES + DROPOUT_OWNERS):
+                module.training = True
+        yield model
+    finally:
+        for module, mode in previous.items():
+            module.training = mode
+
+
+def mc_dropout_predict(
+    model: nn.Module, image: torch.Tensor, available: torch.Tensor, passes: int = 10
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Mean and standard deviation over ``passes`` stochastic passes of the class probabilities.
+
+    Args:
+        model: ``model(image, available)`` returns an object with ``cls_logits: {task: (B, 2)}``.
+        image: (B, 4, S, S, S) float. available: (B, 4) bool.
+        passes: number of stochastic forward passes T (MTTU-Net uses 10).
+
+    Returns:
+        ``(mean, std)``, each ``{task: (B, 2)}``: the mean softmax probabilities and their
+        population standard deviation over the passes (GMMAS eq. 6, divisor T).
+    """
+    if passes < 2:
+        raise ValueError(f"mc_dropout_predict needs passes >= 2 to estimate a spread, got {passes}")
+    samples: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad(), mc_dropout(model):
+        for _ in range(passes):
+            output = model(image, available)
+            for task, logits in output.cls_logits.items():
+                samples.setdefault(task, []).append(torch.softmax(logits.float(), dim=-1))
+    mean = {task: torch.stack(p).mean(0) for task, p in samples.items()}
+    std = {task: torch.stack(p).std(0, correction=0) for task, p in samples.items()}
+    return mean, std
