@@ -1,0 +1,49 @@
+"""Integration-test guard: no Flower process a test started may outlive its test module."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.deployment import descendant_processes, proc_stat
+
+#: executables of Flower's deployment engine (SuperLink/SuperNode, their SuperExec, the apps) and the proxy
+FLOWER_PROCESS_NAMES = (
+    "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp", "flwr",
+    "nginx",  # the reverse-proxy test starts one
+)
+
+
+def flower_processes(pids: dict[int, int] | list[int]) -> dict[int, str]:
+    """``{pid: command line}`` of the live Flower processes among ``pids``."""
+    found: dict[int, str] = {}
+    for pid in pids:
+        stat = proc_stat(pid)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        # argv[0] is the interpreter for console scripts, so look at the first two words
+        if stat is not None and stat[0] != "Z" and any(Path(w).name in FLOWER_PROCESS_NAMES for w in cmdline.split()[:2]):
+            found[pid] = cmdline.strip()
+    return found
+
+
+def wait_until_gone(pids: dict[int, int] | list[int], timeout_s: float = 10.0) -> dict[int, str]:
+    """The Flower processes among ``pids`` still alive after ``timeout_s`` (empty when all exited)."""
+    deadline = time.monotonic() + timeout_s
+    while (alive := flower_processes(pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_flower_process_left_behind() -> Iterator[None]:
+    """After each integration module, no Flower process may remain among this pytest's descendants."""
+    yield
+    left = wait_until_gone(list(descendant_processes(os.getpid())))
+    assert not left, f"Flower processes outlived their test module: {left}"

@@ -1,0 +1,127 @@
+"""ServerApp + ClientApp for real, in one process: an in-process Grid hands each message to the
+ClientApp (Flower's deployment engine is exercised in test_federation_deployment.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+
+from client.app import app as client_app
+from common.config import compose, to_run_config
+from server.app import app as server_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from common.synth import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, preset="tiny", sites=2, cases_per_site=6, heldout_cases=4, shape=32, seed=3)
+    return out
+
+
+class InProcessGrid:
+    """A Grid whose nodes are ClientApp calls in this process (no SuperLink)."""
+
+    def __init__(self, nodes: dict[int, dict[str, str]], run_config: dict) -> None:
+        self.nodes = nodes
+        self.run_config = run_config
+        self.replies: list[Message] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
+                              run_config=self.run_config)
+            message = copy.deepcopy(message)  # mods and apps may mutate content
+            try:
+                reply = client_app(message, context)
+            except Exception as exc:  # what Flower turns a crashing ClientApp into
+                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            replies.append(reply)
+        self.replies += replies
+        return replies
+
+
+def run_server(cohort: Path, out: Path, nodes: dict[int, dict[str, str]], *overrides: str) -> InProcessGrid:
+    cfg = compose(["+experiment=tiny", f"federation.heldout={cohort / 'heldout'}", f"federation.out_dir={out}",
+                   "train.threads=1", *overrides])
+    run_config = to_run_config(cfg)
+    grid = InProcessGrid(nodes, run_config)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    return grid
+
+
+def site_nodes(cohort: Path, *names: str) -> dict[int, dict[str, str]]:
+    return {i + 1: {"data-path": str(cohort / n), "site-name": n} for i, n in enumerate(names)}
+
+
+def test_two_rounds_write_metrics_checkpoints_report_and_resume(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    grid = run_server(cohort, out, site_nodes(cohort, "site-a", "site-b"), "federation.min_nodes=2")
+    run_dir = out / "tiny"
+    history = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    for entry in history["rounds"][1:]:
+        assert set(entry["train"]) == {"site-a", "site-b"}
+        assert set(entry["sites"]) == {"site-a", "site-b"}
+        assert entry["train"]["site-a"]["num-examples"] > 0
+    assert "dice_wt" in history["final"]["heldout"] and history["final"]["heldout_cases"] == 4
+    for name in ("round-000.pt", "round-002.pt", "last.pt", "best.pt"):
+        payload = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert payload["state_dict"]
+    assert (run_dir / "report.html").read_text().count("<img") >= 3
+    # the model changed over the rounds
+    first = torch.load(run_dir / "checkpoints/round-000.pt", weights_only=True)["state_dict"]
+    last = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+
+    # Only weights and scalars leave a site: no case ID anywhere in any reply.
+    case_ids = {p.name for site in ("site-a", "site-b") for p in (cohort / site).iterdir() if p.is_dir()}
+    for reply in grid.replies:
+        text = repr({k: dict(v) for k, v in reply.content.config_records.items()})
+        text += repr([list(r.keys()) for r in reply.content.metric_records.values()])
+        assert not any(cid in text for cid in case_ids)
+        for record in reply.content.metric_records.values():
+            assert all(isinstance(v, (int, float)) for v in record.values())
+
+    # Resume: ask for 3 rounds with the same run folder -> only round 3 runs, history is kept.
+    before = history["rounds"]
+    run_server(cohort, out, site_nodes(cohort, "site-a", "site-b"), "federation.min_nodes=2", "federation.rounds=3")
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    assert resumed["rounds"][:3] == before
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["round"] == 3
+
+
+def test_a_site_without_usable_cases_is_reported_and_the_rest_train(cohort: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "site-empty"
+    empty.mkdir()
+    (empty / "labels.csv").write_text("case_id,idh,codeletion_1p19q,grade,mgmt\n")
+    nodes = site_nodes(cohort, "site-a", "site-b")
+    nodes[3] = {"data-path": str(empty), "site-name": "site-empty"}
+    run_server(cohort, tmp_path / "runs", nodes, "federation.min_nodes=3", "federation.rounds=1",
+               "federation.evaluate_sites=false")
+    history = json.loads((tmp_path / "runs/tiny/metrics.json").read_text())
+    failures = history["rounds"][1]["failures"]
+    assert len(failures) == 1 and "site-empty" in next(iter(failures.values()))
+    assert set(history["rounds"][1]["train"]) == {"site-a", "site-b"}
