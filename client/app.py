@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import from_run_config
+from common.wire import load_packed, pack_state
 
 app = ClientApp()
 
@@ -15,7 +16,7 @@ def _model_from(msg: Message, context: Context):
 
     cfg = from_run_config(context.run_config)
     model = build_model(cfg.model, cfg.data.size)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    load_packed(model, msg.content["arrays"])
     return cfg, model
 
 
@@ -32,7 +33,7 @@ def train(msg: Message, context: Context) -> Message:
     site = SiteSession.open(context.node_config, cfg)
     metrics = site.train(model, msg.content["config"])
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), "site": _site_record(site.name)}
+        {"arrays": pack_state(model.state_dict()), "metrics": MetricRecord(metrics), "site": _site_record(site.name)}
     )
     return Message(content, reply_to=msg)
 

@@ -137,10 +137,11 @@ def run_demo(
                 credentials.site_private_key(site_dir.name),
                 {"data-path": str(site_dir), "site-name": site_dir.name},
             )
+        federation.wait_for_nodes(timeout_s=120.0)
         print(f"SuperLink and {len(site_dirs)} SuperNodes up (TLS, node authentication); logs in {workdir / 'logs'}", flush=True)
         run_id = federation.run(PROJECT_ROOT, to_run_config(cfg))
         print(f"run {run_id} started; the first round includes model set-up", flush=True)
-        status = federation.wait(run_id, timeout, on_poll=_progress_printer(run_dir / "metrics.json", cfg.federation.rounds))
+        status = federation.wait(run_id, timeout, poll_s=10.0, on_poll=_progress_printer(run_dir / "metrics.json", cfg.federation.rounds))
         if status != "finished:completed":
             print(federation.logs(run_id)[-4000:], file=sys.stderr)
             raise SystemExit(f"the federated run ended as {status!r}; see the logs above and in {workdir / 'logs'}")

@@ -4,6 +4,7 @@ the held-out center, keep the run folder (metrics.json, checkpoints, report) up 
 from __future__ import annotations
 
 import math
+import time
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common.config import ExperimentConfig, from_run_config
+from common.wire import load_packed, pack_state
 from server.schedule import RoundSchedule
 from server.strategy import build_strategy
 
@@ -61,9 +63,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         global_round = schedule.global_round(server_round)
         if server_round == 0 and offset > 0:
             return None  # round `offset` was scored before the restart
-        model.load_state_dict(arrays.to_torch_state_dict())
+        load_packed(model, arrays)
+        started = time.monotonic()
         metrics = heldout.evaluate(model)
         round_log = strategy.pop_round()
+        round_log["seconds"]["heldout"] = time.monotonic() - started
         folder.record_round(
             global_round,
             heldout=metrics,
@@ -74,6 +78,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
                 "rejected": round_log["rejected"],
                 "failures": round_log["failures"],
                 "skipped": round_log["skipped"],
+                "seconds": round_log["seconds"],
             },
         )
         folder.save_checkpoint(global_round, model.state_dict(), metrics)
@@ -84,7 +89,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     if remaining > 0:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
+            initial_arrays=pack_state(model.state_dict()),
             num_rounds=remaining,
             timeout=cfg.federation.round_timeout_s,
             train_config=ConfigRecord({}),

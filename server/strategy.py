@@ -100,6 +100,9 @@ class FederationMixin:
         self.rejected: dict[str, str] = {}
         self.failures: dict[str, str] = {}
         self.skipped: list[str] = []  # sites that had nothing to train on in this stage
+        # wall-clock seconds of each phase as the server sees it (sending, site work, replies)
+        self.seconds: dict[str, float] = {}
+        self._phase_start: dict[str, float] = {}
 
     def pop_round(self) -> dict[str, Any]:
         """Per-site results of the round just finished (then cleared)."""
@@ -109,9 +112,15 @@ class FederationMixin:
             "rejected": self.rejected,
             "failures": self.failures,
             "skipped": self.skipped,
+            "seconds": self.seconds,
         }
         self.reset_round()
         return out
+
+    def _mark(self, phase: str) -> None:
+        start = self._phase_start.pop(phase, None)
+        if start is not None:
+            self.seconds[phase] = time.monotonic() - start
 
     # ----------------------------------------------------------------- hooks
     def wait_for_nodes(self, grid: Grid) -> None:
@@ -130,6 +139,7 @@ class FederationMixin:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.wait_for_nodes(grid)
+        self._phase_start["train"] = time.monotonic()
         self._reference = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
         round_config = ConfigRecord({**config, **self.schedule.train_config(server_round)})
         log(INFO, "round %d: stage %s", self.schedule.global_round(server_round), round_config["stage"])
@@ -141,6 +151,7 @@ class FederationMixin:
         if not self.schedule.evaluate_sites:
             return []
         self.wait_for_nodes(grid)
+        self._phase_start["site_eval"] = time.monotonic()
         round_config = ConfigRecord({**config, **self.schedule.evaluate_config(server_round)})
         return super().configure_evaluate(server_round, arrays, round_config, grid)  # type: ignore[misc]
 
@@ -185,6 +196,7 @@ class FederationMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        self._mark("train")
         kept = self._screen(replies, train=True)
         for reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
@@ -202,6 +214,7 @@ class FederationMixin:
         return super().aggregate_train(server_round, kept)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self._mark("site_eval")
         kept = self._screen(list(replies), train=False)
         for reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
