@@ -50,6 +50,7 @@ class DataConfig:
     num_workers: int = 0
     split_seed: int = 0
     cache: bool = True  # keep preprocessed cases in memory (small sites)
+    complete_only: bool = False  # train only on cases with all four sequences (ablation baseline)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class SSLConfig:
     consistency_weight: float = 1.0
     ema_decay: float = 0.99
     pseudo_weight: float = 1.0
+    cutmix_alpha: float = 1.0  # Beta(a, a) of the student's CutMix boxes; 0 = no CutMix
+    complementary_dropout: bool = True  # two student streams with complementary feature masks
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,27 @@ def evaluate(
         n = max(accumulator.n_cases, 1)
         metrics.update({f"unc_{task}": uncertainty_sums[task] / n for task in TASKS})
     return metrics
+
+
+def drop_sequences(
+    loader: Iterable[Mapping[str, torch.Tensor]], drop: Iterable[str]
+) -> Iterable[dict[str, torch.Tensor]]:
+    """The batches of ``loader`` as if the sequences named in ``drop`` had not been acquired:
+    their channels zero-filled and their availability flag off (what the data layer does for a
+    sequence that is really missing). Used to measure robustness to missing sequences."""
+    from common.constants import SEQUENCES
+
+    drop = list(drop)
+    unknown = sorted(set(drop) - set(SEQUENCES))
+    if unknown:
+        raise ValueError(f"unknown sequence(s) {unknown}; expected names from {SEQUENCES}")
+    columns = [SEQUENCES.index(name) for name in drop]
+    for batch in loader:
+        batch = dict(batch)
+        if columns:
+            image = batch["image"].clone()
+            available = batch["available"].clone()
+            image[:, columns] = 0.0
+            available[:, columns] = False
+            batch["image"], batch["available"] = image, available
+        yield batch

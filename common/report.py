@@ -55,6 +55,7 @@ def _plot_series(path: Path, title: str, xs: list[int], series: dict[str, list[f
             ax.plot(xs, ys, marker="o", label=label)
     ax.set_title(title)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if ax.lines:

@@ -3,27 +3,17 @@ ClientApp (Flower's deployment engine is exercised in test_federation_deployment
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
 
-from client.app import app as client_app
-from common.config import compose, to_run_config
-from server.app import app as server_app
+from common import simulation
+from common.config import compose
+from common.simulation import InProcessGrid, run_inprocess
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
 
 
 @pytest.fixture(scope="module")
@@ -35,44 +25,14 @@ def cohort(tmp_path_factory) -> Path:
     return out
 
 
-class InProcessGrid:
-    """A Grid whose nodes are ClientApp calls in this process (no SuperLink)."""
-
-    def __init__(self, nodes: dict[int, dict[str, str]], run_config: dict) -> None:
-        self.nodes = nodes
-        self.run_config = run_config
-        self.replies: list[Message] = []
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
-                              run_config=self.run_config)
-            message = copy.deepcopy(message)  # mods and apps may mutate content
-            try:
-                reply = client_app(message, context)
-            except Exception as exc:  # what Flower turns a crashing ClientApp into
-                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-            replies.append(reply)
-        self.replies += replies
-        return replies
-
-
 def run_server(cohort: Path, out: Path, nodes: dict[int, dict[str, str]], *overrides: str) -> InProcessGrid:
     cfg = compose(["+experiment=tiny", f"federation.heldout={cohort / 'heldout'}", f"federation.out_dir={out}",
                    "train.threads=1", *overrides])
-    run_config = to_run_config(cfg)
-    grid = InProcessGrid(nodes, run_config)
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    return grid
+    return run_inprocess(cfg, nodes)
 
 
 def site_nodes(cohort: Path, *names: str) -> dict[int, dict[str, str]]:
-    return {i + 1: {"data-path": str(cohort / n), "site-name": n} for i, n in enumerate(names)}
+    return simulation.site_nodes(cohort, names)
 
 
 def test_two_rounds_write_metrics_checkpoints_report_and_resume(cohort: Path, tmp_path: Path) -> None:

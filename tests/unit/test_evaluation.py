@@ -211,3 +211,15 @@ def test_evaluate_empty_loader_gives_nan_metrics() -> None:
     metrics = evaluate(FakeGliomaNet(), [])
     assert metrics["n_cases"] == 0
     assert math.isnan(metrics["dice_wt"]) and math.isnan(metrics["auc_idh"])
+
+
+def test_drop_sequences_zero_fills_and_clears_availability():
+    from common.evaluation import drop_sequences
+
+    batch = {"image": torch.ones(2, 4, 4, 4, 4), "available": torch.ones(2, 4, dtype=torch.bool), "x": torch.zeros(1)}
+    (out,) = list(drop_sequences([batch], ["t1", "flair"]))
+    assert out["available"].tolist() == [[False, True, True, False]] * 2
+    assert out["image"][:, [0, 3]].abs().sum() == 0 and out["image"][:, [1, 2]].min() == 1
+    assert batch["image"].min() == 1 and bool(batch["available"].all())  # the input is untouched
+    with pytest.raises(ValueError, match="unknown sequence"):
+        list(drop_sequences([batch], ["dwi"]))
