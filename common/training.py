@@ -7,8 +7,14 @@ One :class:`LocalTrainer` runs epochs of one *stage* over a site's training load
 * ``pretrain_imputer`` - self-supervised pre-training of the imputation module on complete
   cases (GMENet); the rest of the network is untouched.
 
-Pseudo-labels (a later stage) plug in through ``batch_hook``: a callable that may add
-``labels``/``label_weight`` entries to a batch before the loss is computed.
+Semi-supervised learning plugs into the supervised stage through three optional callables:
+
+* ``batch_hook(batch) -> batch`` may add ``labels``/``label_weight`` entries (pseudo-labels,
+  :mod:`client.pseudo_labels`) before the loss is computed;
+* ``extra_loss(model, batch, output) -> (loss, {name: value})`` adds a scalar to the loss of every
+  step (consistency regularisation, :mod:`common.consistency`); its terms are reported as
+  ``loss_<name>`` metrics;
+* ``after_step(model)`` runs after every optimizer step (the EMA teacher update).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -26,10 +32,18 @@ from torch import nn
 from common.config import ExperimentConfig
 from common.constants import TASKS
 
+if TYPE_CHECKING:
+    from common.model import GliomaOutput
+
 STAGES: tuple[str, ...] = ("supervised", "pretrain_imputer")
 
 Batch = dict[str, torch.Tensor]
 BatchHook = Callable[[Batch], Batch]
+#: ``(model, batch, output) -> (scalar loss, {term name: detached scalar})``; ``output`` is the
+#: model's output on ``batch`` from the supervised forward pass of the same step.
+ExtraLoss = Callable[[nn.Module, Batch, "GliomaOutput"], tuple[torch.Tensor, Mapping[str, torch.Tensor | float]]]
+#: ``(model) -> None``, called after every optimizer step.
+StepHook = Callable[[nn.Module], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,6 +92,34 @@ def label_statistics(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         for c in range(2):
             counts[t, c] = float((column == c).sum())
     return counts, class_weights_from_labels(labels)
+
+
+@dataclass(frozen=True)
+class RoundTag:
+    """Which run and global round wrote a piece of site-local state (pseudo-labels, EMA teacher).
+
+    A site keeps such state on its own disk between rounds; it is reused only by a *later* round
+    of the *same* run. A new run under the same name restarts at global round 1, so state left by
+    the old run (written at a round >= the current one) is not reused either.
+    """
+
+    run_name: str
+    global_round: int
+
+    def precedes(self, current: "RoundTag") -> bool:
+        """True when this state was written earlier in the run ``current`` belongs to."""
+        return self.run_name == current.run_name and self.global_round < current.global_round
+
+    def as_dict(self) -> dict[str, str | int]:
+        return {"run_name": self.run_name, "global_round": self.global_round}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object]) -> "RoundTag":
+        """Inverse of :meth:`as_dict`; raises KeyError/TypeError/ValueError on a malformed mapping."""
+        run_name, global_round = values["run_name"], values["global_round"]
+        if not isinstance(run_name, str) or isinstance(global_round, bool) or not isinstance(global_round, int):
+            raise ValueError(f"run_name must be a string and global_round an integer, got {run_name!r}, {global_round!r}")
+        return cls(run_name, global_round)
 
 
 @dataclass
@@ -133,16 +175,33 @@ class LocalTrainer:
         lr: float | None = None,
         proximal_mu: float = 0.0,
         batch_hook: BatchHook | None = None,
+        extra_loss: ExtraLoss | None = None,
+        after_step: StepHook | None = None,
         desc: str = "train",
     ) -> StageResult:
-        """Train ``epochs`` epochs of ``stage``; returns scalar metrics (mean losses, steps, time)."""
+        """Train ``epochs`` epochs of ``stage``; returns scalar metrics (mean losses, steps, time).
+
+        ``batch_hook``, ``extra_loss`` and ``after_step`` (see the module docstring) apply to the
+        supervised stage only.
+        """
         if stage not in STAGES:
             raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
         lr = self.cfg.train.lr if lr is None else lr
         if stage == "pretrain_imputer":
+            hooks = {"batch_hook": batch_hook, "extra_loss": extra_loss, "after_step": after_step}
+            given = [name for name, hook in hooks.items() if hook is not None]
+            if given:
+                raise ValueError(f"stage 'pretrain_imputer' does not use {given}: pass them with stage='supervised' only")
             return self._run_pretrain(loader, epochs=epochs, lr=lr, desc=desc)
         return self._run_supervised(
-            loader, epochs=epochs, lr=lr, proximal_mu=proximal_mu, batch_hook=batch_hook, desc=desc
+            loader,
+            epochs=epochs,
+            lr=lr,
+            proximal_mu=proximal_mu,
+            batch_hook=batch_hook,
+            extra_loss=extra_loss,
+            after_step=after_step,
+            desc=desc,
         )
 
     def _progress(self, loader: Iterable[Batch], desc: str) -> Iterable[Batch]:
@@ -176,6 +235,8 @@ class LocalTrainer:
         lr: float,
         proximal_mu: float,
         batch_hook: BatchHook | None,
+        extra_loss: ExtraLoss | None,
+        after_step: StepHook | None,
         desc: str,
     ) -> StageResult:
         model = self.model
@@ -196,7 +257,13 @@ class LocalTrainer:
                 with torch.autocast(self.device.type, enabled=self.use_amp):
                     output = model(batch["image"], batch["available"])
                     result = self.loss_fn(output, batch, model.task_weighting)
+                    extra = extra_loss(model, batch, output) if extra_loss is not None else None
                 loss = result.total.float()
+                terms: dict[str, torch.Tensor | float] = dict(result.terms)
+                if extra is not None:
+                    extra_total, extra_terms = extra
+                    loss = loss + extra_total.float()
+                    terms.update(extra_terms)
                 if anchor is not None:
                     # FedProx proximal term (Li et al. 2020): mu/2 * ||w - w_global||^2.
                     prox = sum(
@@ -205,9 +272,11 @@ class LocalTrainer:
                     )
                     loss = loss + 0.5 * proximal_mu * prox
                 self._step(loss, optimizer, scaler, f"at epoch {epoch + 1}, step {steps + 1} ({desc})")
+                if after_step is not None:
+                    after_step(model)
                 steps += 1
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                for name, value in result.terms.items():
+                for name, value in terms.items():
                     sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
                 if self.cfg.train.max_steps and steps >= self.cfg.train.max_steps:
                     break
