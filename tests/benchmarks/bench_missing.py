@@ -128,6 +128,14 @@ def mean_over(results: dict[str, dict[str, float]], key: str, names: list[str]) 
     return sum(results[n][key] for n in names) / len(names)
 
 
+def _cohort_summary(data: Path) -> str:
+    info = json.loads((data / "cohort.json").read_text())
+    sites = {k: v for k, v in info.get("sites", {}).items() if k != "heldout"}
+    cases = sum(int(v.get("n_cases", 0)) for v in sites.values())
+    return f"preset {info.get('preset', '?')}, {len(sites)} sites, {cases} cases, held-out center " \
+           f"{info.get('sites', {}).get('heldout', {}).get('n_cases', '?')} cases"
+
+
 def write_report(path: Path, args: argparse.Namespace, command: str, table: dict, cases: dict, seconds: dict) -> None:
     arms = [a for a in ARMS if a in table]
     names = list(next(iter(table.values())))
@@ -136,7 +144,7 @@ def write_report(path: Path, args: argparse.Namespace, command: str, table: dict
         "",
         f"Command: `{command}`",
         "",
-        f"Cohort: `{args.data}` ({args.preset} preset); {args.rounds} supervised federated rounds per arm"
+        f"Cohort: `{args.data.name}` ({_cohort_summary(args.data)}); {args.rounds} supervised federated rounds per arm"
         + (f", plus {args.pretrain_rounds} imputer pre-training round(s) for (c)" if "c" in arms else "")
         + ". Final-round global model on the held-out center; '-x' = sequence x removed at test time.",
         "",

@@ -1,0 +1,186 @@
+"""Pseudo-labeling ablation (issue #6): do local pseudo-labels and consistency help?
+
+Three federated runs with the same budget (rounds, local epochs, learning rate) on the ``bench``
+synthetic cohort, through the real ServerApp and ClientApp (in-process grid):
+
+  none     - supervised only (cases lacking a molecular label train only the tasks they have);
+  stage 1  - + uncertainty-aware pseudo-labels (MC dropout, distribution alignment, tau_c/tau_u)
+             selected at every site from ``ssl.warmup_rounds`` on;
+  stage 2  - + consistency regularization against a local EMA teacher (GMMAS stage 2).
+
+Each final global model (last round; never picked on the held-out center) is scored on the
+held-out center: AUC/ACC/F1 per task and WT/TC/ET Dice. Pseudo-label precision compares what the
+sites stored on their own disk with the cohort's ``ground_truth.csv`` - only this benchmark reads
+ground truth; the system never does.
+
+    make bench-ssl
+    make bench-ssl ARGS="--rounds 3 --warmup 1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from common.constants import TASK_CLASSES, TASK_COLUMNS, TASKS  # noqa: E402
+
+ARMS = {
+    "none": ("supervised only", ["ssl.enabled=false"]),
+    "stage1": ("+ pseudo-labels", ["ssl.enabled=true", "ssl.consistency=false"]),
+    "stage2": ("+ pseudo-labels + consistency", ["ssl.enabled=true", "ssl.consistency=true"]),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT / "data/bench-cohort", help="cohort (generated when missing)")
+    p.add_argument("--preset", default="bench", help="synthetic preset used when generating the cohort")
+    p.add_argument("--out", type=Path, default=ROOT / "runs/bench-ssl", help="run folders and site state")
+    p.add_argument("--report", type=Path, default=ROOT / "docs/benchmarks/pseudo-labels.md")
+    p.add_argument("--rounds", type=int, default=5, help="federated rounds (all arms)")
+    p.add_argument("--warmup", type=int, default=2, help="supervised warm-up rounds before pseudo-labeling")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (e.g. ssl.tau_c=0.9)")
+    return p.parse_args(argv)
+
+
+def arm_config(arm: str, args: argparse.Namespace, data: Path, sites: list[str]):
+    from common.config import compose
+
+    return compose([
+        "model=tiny", "data=tiny", "train.local_epochs=1", "train.lr=0.002",
+        *args.overrides,
+        f"train.threads={args.threads}", "train.progress=false",
+        f"federation.heldout={data / 'heldout'}", f"federation.out_dir={args.out.resolve()}",
+        f"federation.run_name=ssl-{arm}", f"federation.min_nodes={len(sites)}", f"federation.rounds={args.rounds}",
+        "federation.evaluate_sites=false", "federation.node_wait_s=5", f"ssl.warmup_rounds={args.warmup}",
+        *ARMS[arm][1],
+    ])
+
+
+def ground_truth(data: Path) -> dict[str, list[int]]:
+    """case id -> class index per task, from the synthetic cohort's ground_truth.csv."""
+    truth = {}
+    with open(data / "ground_truth.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            truth[row["case_id"]] = [TASK_CLASSES[t].index(row[TASK_COLUMNS[t]]) for t in TASKS]
+    return truth
+
+
+def pseudo_label_precision(state_root: Path, sites: list[str], truth: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Per task: pseudo-labels accepted at all sites (as stored after the last round) and the
+    fraction that agree with the ground truth."""
+    from client.pseudo_labels import load_pseudo_labels
+
+    out = {t: {"accepted": 0.0, "correct": 0.0} for t in TASKS}
+    for site in sites:
+        for case_id, labels in load_pseudo_labels(state_root / site).items():
+            for j, task in enumerate(TASKS):
+                if labels[j] >= 0:
+                    out[task]["accepted"] += 1
+                    out[task]["correct"] += float(labels[j] == truth[case_id][j])
+    for task in TASKS:
+        n = out[task]["accepted"]
+        out[task]["precision"] = out[task]["correct"] / n if n else float("nan")
+    return out
+
+
+def accepted_per_round(run_dir: Path) -> list[float]:
+    history = json.loads((run_dir / "metrics.json").read_text())
+    return [sum(m.get("pseudo_accepted", 0.0) for m in r["train"].values()) for r in history["rounds"][1:]]
+
+
+def score(run_dir: Path, cfg) -> dict[str, float]:
+    from common.config import ModelConfig
+    from common.dataset import make_loader
+    from common.evaluation import evaluate
+    from common.model import build_model
+    from common.run_folder import load_checkpoint
+    from common.site import load_site
+
+    payload = load_checkpoint(run_dir / "checkpoints/last.pt")
+    model = build_model(ModelConfig(**payload["model"]), int(payload["size"]))
+    model.load_state_dict(payload["state_dict"])
+    loader = make_loader(load_site(Path(cfg.federation.heldout)).cases, cfg.data, train=False)
+    return evaluate(model, loader)
+
+
+def write_report(path: Path, command: str, args, results: dict, precision: dict, accepted: dict, seconds: dict) -> None:
+    arms = [a for a in ARMS if a in results]
+    lines = [
+        "# Pseudo-labeling ablation (issue #6)", "",
+        f"Command: `{command}`", "",
+        f"Cohort `{args.data.name}`; {args.rounds} federated rounds per arm, pseudo-labeling from round "
+        f"{args.warmup + 1}; final-round global model on the held-out center.", "",
+        "| held-out metric | " + " | ".join(f"{a}: {ARMS[a][0]}" for a in arms) + " |",
+        "| --- | " + " | ".join("---:" for _ in arms) + " |",
+    ]
+    keys = ["dice_wt", "dice_tc", "dice_et"] + [f"{m}_{t}" for t in TASKS for m in ("auc", "acc", "f1")]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{results[a][key]:.3f}" for a in arms) + " |")
+    lines.append("| mean AUC | " + " | ".join(
+        f"{sum(results[a][f'auc_{t}'] for t in TASKS) / len(TASKS):.3f}" for a in arms) + " |")
+    lines.append("| wall time | " + " | ".join(f"{seconds[a]:.0f} s" for a in arms) + " |")
+    lines += ["", "Pseudo-labels stored at the sites after the last round, against the synthetic ground truth:", "",
+              "| arm | task | accepted | precision |", "| --- | --- | ---: | ---: |"]
+    for a in arms:
+        if a not in precision:
+            continue
+        for t in TASKS:
+            p = precision[a][t]
+            lines.append(f"| {a} | {t} | {p['accepted']:.0f} | {p['precision']:.3f} |")
+    lines += ["", "Pseudo-labels accepted per round (all sites): "
+              + "; ".join(f"{a}: {accepted[a]}" for a in arms if a in precision)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "results": results, "precision": precision, "accepted_per_round": accepted,
+         "seconds": seconds}, indent=1, default=float))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.simulation import run_inprocess, site_nodes
+    from common.synth import generate_cohort
+
+    args = parse_args(argv)
+    command = "python tests/benchmarks/bench_ssl.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    data = args.data.resolve()
+    if not (data / "cohort.json").exists():
+        print(f"generating the '{args.preset}' cohort in {data} ...", flush=True)
+        generate_cohort(data, preset=args.preset)
+    sites = sorted(p.name for p in data.iterdir() if (p / "labels.csv").exists() and p.name != "heldout")
+    truth = ground_truth(data)
+    results, precision, accepted, seconds = {}, {}, {}, {}
+    for arm in args.arms:
+        cfg = arm_config(arm, args, data, sites)
+        run_dir = args.out.resolve() / cfg.federation.run_name
+        state_root = args.out.resolve() / f"state-{arm}"
+        for old in (run_dir, state_root):  # every arm starts from scratch: no stale pseudo-labels
+            shutil.rmtree(old, ignore_errors=True)
+        print(f"arm {arm} ({ARMS[arm][0]}): {args.rounds} rounds -> {run_dir}", flush=True)
+        start = time.perf_counter()
+        run_inprocess(cfg, site_nodes(data, sites, state_root=state_root))
+        seconds[arm] = time.perf_counter() - start
+        results[arm] = score(run_dir, cfg)
+        if cfg.ssl.enabled:
+            precision[arm] = pseudo_label_precision(state_root, sites, truth)
+            accepted[arm] = accepted_per_round(run_dir)
+        print(f"  {seconds[arm]:.0f} s; dice_wt={results[arm]['dice_wt']:.3f} "
+              + " ".join(f"auc_{t}={results[arm][f'auc_{t}']:.3f}" for t in TASKS), flush=True)
+    write_report(args.report, command, args, results, precision, accepted, seconds)
+    print(args.report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
