@@ -16,18 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.config import ModelConfig
+    from common.config import DataConfig
     from common.dataset import make_loader
     from common.evaluation import evaluate
-    from common.model import build_model
-    from common.run_folder import json_safe, load_checkpoint
-    from common.config import DataConfig
+    from common.run_folder import json_safe, load_model
     from common.site import load_site
     from common.training import select_device
 
-    payload = load_checkpoint(args.model)
-    model = build_model(ModelConfig(**payload["model"]), int(payload["size"]))
-    model.load_state_dict(payload["state_dict"])
+    model, payload = load_model(args.model)
     index = load_site(args.site)
     for rejection in index.rejected:
         print(f"skipped {rejection.case_id}: {rejection.reason}")

@@ -222,3 +222,15 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise RunFolderError(f"{path} is not a fedglioma checkpoint (no 'state_dict' entry)")
     return payload
+
+
+def load_model(path: Path | str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network saved in a checkpoint, rebuilt from the model config stored with it
+    (eval mode, CPU), and the checkpoint payload (round, score, size...)."""
+    from common.config import ModelConfig
+    from common.model import build_model
+
+    payload = load_checkpoint(path)
+    model = build_model(ModelConfig(**payload["model"]), int(payload["size"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), payload

@@ -101,16 +101,12 @@ def training_cases(run_dir: Path) -> float:
 
 def score(run_dir: Path, cfg) -> dict[str, dict[str, float]]:
     """Held-out metrics of the run's last global model under every test-time condition."""
-    from common.config import ModelConfig
     from common.dataset import make_loader
     from common.evaluation import drop_sequences, evaluate
-    from common.model import build_model
-    from common.run_folder import load_checkpoint
+    from common.run_folder import load_model
     from common.site import load_site
 
-    payload = load_checkpoint(run_dir / "checkpoints/last.pt")
-    model = build_model(ModelConfig(**payload["model"]), int(payload["size"]))
-    model.load_state_dict(payload["state_dict"])
+    model, _ = load_model(run_dir / "checkpoints/last.pt")
     loader = make_loader(load_site(Path(cfg.federation.heldout)).cases, cfg.data, train=False)
     batches = list(loader)  # decode the held-out center once for all conditions
     out = {}

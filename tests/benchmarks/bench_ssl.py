@@ -101,16 +101,12 @@ def accepted_per_round(run_dir: Path) -> list[float]:
 
 
 def score(run_dir: Path, cfg) -> dict[str, float]:
-    from common.config import ModelConfig
     from common.dataset import make_loader
     from common.evaluation import evaluate
-    from common.model import build_model
-    from common.run_folder import load_checkpoint
+    from common.run_folder import load_model
     from common.site import load_site
 
-    payload = load_checkpoint(run_dir / "checkpoints/last.pt")
-    model = build_model(ModelConfig(**payload["model"]), int(payload["size"]))
-    model.load_state_dict(payload["state_dict"])
+    model, _ = load_model(run_dir / "checkpoints/last.pt")
     loader = make_loader(load_site(Path(cfg.federation.heldout)).cases, cfg.data, train=False)
     return evaluate(model, loader)
 
