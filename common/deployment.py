@@ -595,8 +595,15 @@ class LocalFederation:
         return list(reversed(self._started))
 
     def stop(self) -> None:
-        """Stop every process this launcher started (see :func:`terminate`). Safe to call twice."""
-        terminate(self.processes(), self.stop_timeout_s)
+        """Stop every process this launcher started (see :func:`terminate`). Safe to call twice.
+
+        SuperNodes go first, while the SuperLink can still record them as offline: a SuperNode
+        killed together with its SuperLink stays "online" in the persistent state database, and
+        after a restart that stale entry refuses the node's re-activation until it expires."""
+        others = [p for p in self.processes() if p is not self.superlink]
+        terminate(others, self.stop_timeout_s)
+        if self.superlink is not None:
+            terminate([self.superlink], self.stop_timeout_s)
 
     def stop_process(self, proc: ManagedProcess) -> None:
         """Stop one process (a SuperNode going offline, a proxy) the same way :meth:`stop` does."""
