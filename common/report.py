@@ -136,11 +136,15 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
         keys = ["n_train", "n_val", "n_complete", *(f"has_{s}" for s in SEQUENCES), "has_seg", *(f"labeled_{t}" for t in TASKS)]
         rows = [[s, *(_fmt(train[s].get(k)) for k in keys)] for s in sorted(train)]
         parts.append(_table(["site", *keys], rows))
-        pseudo = [k for k in sorted({k for m in train.values() for k in m}) if k.startswith("pseudo_")]
-        if pseudo:
-            parts.append("<h2>Pseudo-labels accepted (latest round)</h2>")
-            rows = [[s, *(_fmt(train[s].get(k)) for k in pseudo)] for s in sorted(train)]
-            parts.append(_table(["site", *pseudo], rows))
+    # pseudo-labels per round and site: counts and mean confidence only (scalars the sites sent)
+    pseudo_keys = ["pseudo_accepted", *(f"pseudo_{t}_{m}" for t in TASKS for m in ("accepted", "confidence"))]
+    pseudo_rows = [
+        [str(r["round"]), site, *(_fmt(m.get(k)) for k in pseudo_keys)]
+        for r in rounds for site, m in sorted((r.get("train") or {}).items()) if "pseudo_accepted" in m
+    ]
+    if pseudo_rows:
+        parts.append("<h2>Pseudo-labels accepted per round and site</h2>")
+        parts.append(_table(["round", "site", *pseudo_keys], pseudo_rows))
 
     problems = [(r["round"], kind, site, why) for r in rounds for kind in ("failures", "rejected")
                 for site, why in (r.get(kind) or {}).items()]

@@ -1,0 +1,44 @@
+"""report.html and plots from a crafted metrics.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from common.report import write_report
+
+
+def history() -> dict:
+    def site(dice: float) -> dict:
+        return {"dice_wt": dice, "dice_tc": dice / 2, "dice_et": dice / 3, "auc_idh": 0.6}
+
+    def train(accepted: float) -> dict:
+        return {"loss": 1.0, "num-examples": 8.0, "n_train": 8.0, "has_t1": 8.0,
+                "pseudo_accepted": accepted, "pseudo_idh_accepted": accepted, "pseudo_idh_confidence": 0.97}
+
+    heldout = {"dice_wt": 0.1, "dice_tc": 0.05, "dice_et": 0.01, "hd95_wt": 50.0, "auc_idh": 0.5}
+    return {
+        "rounds": [
+            {"round": 0, "heldout": heldout, "sites": {}, "train": {}},
+            {"round": 1, "heldout": {**heldout, "dice_wt": 0.4}, "sites": {"site-a": site(0.7), "site-b": site(0.2)},
+             "train": {"site-a": train(3.0), "site-b": train(1.0)}, "failures": {}, "rejected": {}},
+            {"round": 2, "heldout": {**heldout, "dice_wt": 0.5}, "sites": {"site-a": site(0.8), "site-b": site(0.3)},
+             "train": {"site-a": train(5.0)}, "failures": {"site-b": "NoUsableCaseError: no usable case"},
+             "rejected": {}},
+        ],
+        "final": {"heldout": {**heldout, "dice_wt": 0.5}, "round": 2},
+    }
+
+
+def test_report_has_plots_worst_site_pseudo_labels_per_round_and_failures(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text(json.dumps(history()))
+    page = write_report(tmp_path).read_text()
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert "heldout_dice.png" in pngs and "sites_dice_wt.png" in pngs
+    assert page.count("<img") == len(pngs)
+    assert re.search(r'class="worst"[^>]*>\s*<td>site-b', page)  # lowest final WT Dice
+    pseudo = page[page.index("Pseudo-labels accepted per round"):]
+    assert re.search(r"<td>1</td>\s*<td>site-b</td>\s*<td>1</td>", pseudo)
+    assert re.search(r"<td>2</td>\s*<td>site-a</td>\s*<td>5</td>", pseudo)
+    assert "NoUsableCaseError" in page and "site-b" in page
