@@ -85,3 +85,32 @@ def test_a_site_without_usable_cases_is_reported_and_the_rest_train(cohort: Path
     failures = history["rounds"][1]["failures"]
     assert len(failures) == 1 and "site-empty" in next(iter(failures.values()))
     assert set(history["rounds"][1]["train"]) == {"site-a", "site-b"}
+
+
+def test_imputer_pretraining_round_skips_sites_without_complete_cases_then_stays_frozen(
+    cohort: Path, tmp_path: Path
+) -> None:
+    """site-a has complete cases, site-b never has T1: round 1 pre-trains the imputer at site-a
+    only (site-b replies with weight 0 and is left out), round 2 trains both with it frozen."""
+    run_server(cohort, tmp_path / "runs", site_nodes(cohort, "site-a", "site-b"), "federation.min_nodes=2",
+               "federation.rounds=2", "federation.evaluate_sites=false", "model.imputation=true",
+               "model.fusion=experts", "imputation.pretrain_rounds=1", "imputation.freeze=true")
+    run_dir = tmp_path / "runs/tiny"
+    history = json.loads((run_dir / "metrics.json").read_text())
+    pretrain, supervised = history["rounds"][1], history["rounds"][2]
+    assert pretrain["stage"] == "pretrain_imputer" and supervised["stage"] == "supervised"
+    assert pretrain["skipped"] == ["site-b"] and not pretrain["failures"]
+    assert pretrain["train"]["site-a"]["num-examples"] > 0 and pretrain["train"]["site-b"]["num-examples"] == 0
+    assert set(supervised["train"]) == {"site-a", "site-b"} and not supervised["skipped"]
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        return torch.load(run_dir / "checkpoints" / name, weights_only=True)["state_dict"]
+
+    initial, after_pretrain, final = weights("round-000.pt"), weights("round-001.pt"), weights("round-002.pt")
+    imputer = [k for k in initial if k.startswith("imputer.")]
+    others = [k for k in initial if k.startswith(("encoder.", "decoder.", "classifier."))]
+    assert imputer and others
+    assert any(not torch.equal(initial[k], after_pretrain[k]) for k in imputer)  # pre-training learned
+    assert all(torch.equal(initial[k], after_pretrain[k]) for k in others)  # ...and touched nothing else
+    assert all(torch.equal(after_pretrain[k], final[k]) for k in imputer)  # frozen afterwards
+    assert any(not torch.equal(after_pretrain[k], final[k]) for k in others)
