@@ -193,7 +193,9 @@ def predict_pseudo_labels(
     Returns:
         :class:`PseudoLabels` with metrics ``pseudo_<task>_candidates``,
         ``pseudo_<task>_accepted``, ``pseudo_<task>_confidence`` (mean aligned confidence of the
-        accepted ones, 0.0 when none), ``pseudo_accepted`` (total) and ``pseudo_seconds``.
+        accepted ones, 0.0 when none), ``pseudo_<task>_candidate_confidence`` (mean aligned top-class
+        confidence over all candidates, 0.0 when none: how far the model is from ``tau_c``),
+        ``pseudo_accepted`` (total) and ``pseudo_seconds``.
     """
     ssl = cfg.ssl
     check_pseudo_label_config(ssl)
@@ -218,6 +220,7 @@ def predict_pseudo_labels(
         metrics[f"pseudo_{task}_candidates"] = float(candidates.sum())
         metrics[f"pseudo_{task}_accepted"] = float(accepted.sum())
         metrics[f"pseudo_{task}_confidence"] = float(confidence[accepted].mean()) if bool(accepted.any()) else 0.0
+        metrics[f"pseudo_{task}_candidate_confidence"] = float(confidence.mean()) if confidence.numel() else 0.0
     metrics["pseudo_accepted"] = float((labels != UNKNOWN_LABEL).sum())
     metrics["pseudo_seconds"] = time.perf_counter() - start
     return PseudoLabels(labels=labels, metrics=metrics)

@@ -136,8 +136,10 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
         keys = ["n_train", "n_val", "n_complete", *(f"has_{s}" for s in SEQUENCES), "has_seg", *(f"labeled_{t}" for t in TASKS)]
         rows = [[s, *(_fmt(train[s].get(k)) for k in keys)] for s in sorted(train)]
         parts.append(_table(["site", *keys], rows))
-    # pseudo-labels per round and site: counts and mean confidence only (scalars the sites sent)
-    pseudo_keys = ["pseudo_accepted", *(f"pseudo_{t}_{m}" for t in TASKS for m in ("accepted", "confidence"))]
+    # pseudo-labels per round and site: counts and mean confidences only (scalars the sites sent);
+    # candidate_confidence shows how far a site's candidates are from tau_c when none is accepted
+    pseudo_keys = ["pseudo_accepted", *(f"pseudo_{t}_{m}" for t in TASKS
+                                        for m in ("accepted", "confidence", "candidate_confidence"))]
     pseudo_rows = [
         [str(r["round"]), site, *(_fmt(m.get(k)) for k in pseudo_keys)]
         for r in rounds for site, m in sorted((r.get("train") or {}).items()) if "pseudo_accepted" in m
