@@ -368,7 +368,7 @@ class LocalFederation:
     def write_connection(self) -> Path:
         """Write (or update) connection ``self.connection`` in ``$FLWR_HOME/config.toml`` and make it
         the default; other connections in the file are kept."""
-        import tomli_w  # Flower's own dependency (it writes this file with it too)
+        import tomli_w  # pinned in pyproject; Flower writes this file with it too
 
         path = self.flwr_home / "config.toml"
         config: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
