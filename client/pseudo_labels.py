@@ -169,14 +169,18 @@ def mc_predict_cases(
     # No augmentation (train=False): pseudo-labels are predicted on the cases as they are.
     loader = make_loader(cases, cfg.data, train=False, seed=cfg.train.seed)
     model.to(device)
-    for batch in loader:
-        rows = batch[INDEX].long()
-        m, s = mc_dropout_predict(
-            model, batch["image"].to(device), batch["available"].to(device), passes=cfg.ssl.mc_passes
-        )
-        for t, task in enumerate(TASKS):
-            mean[rows, t] = m[task].float().cpu()
-            std[rows, t] = s[task].float().cpu()
+    # The dropout masks come from a generator forked off and seeded here, so selecting
+    # pseudo-labels neither depends on nor shifts the random stream local training uses next.
+    with torch.random.fork_rng(devices=None if device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)
+        for batch in loader:
+            rows = batch[INDEX].long()
+            m, s = mc_dropout_predict(
+                model, batch["image"].to(device), batch["available"].to(device), passes=cfg.ssl.mc_passes
+            )
+            for t, task in enumerate(TASKS):
+                mean[rows, t] = m[task].float().cpu()
+                std[rows, t] = s[task].float().cpu()
     return mean, std
 
 

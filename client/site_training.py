@@ -152,7 +152,9 @@ class SiteSession:
             # training at a site without complete cases): weights go back unchanged, weight 0.
             metrics.update({"num-examples": 0.0, "steps": 0.0})
             return _scalar_metrics(metrics)
-        loader = make_loader(cases, cfg.data, train=True)
+        # Shuffling and augmentation differ per round yet repeat exactly for the same seed and round.
+        seed = cfg.train.seed + int(round_config.get("global-round", 0))
+        loader = make_loader(cases, cfg.data, train=True, seed=seed)
         trainer = LocalTrainer(model, cfg, self.device, loader.dataset.label_matrix())
         if stage == "pretrain_imputer":
             result = trainer.run(loader, stage=stage, epochs=epochs, lr=lr, desc=self.name)

@@ -439,8 +439,16 @@ class MultiTaskGliomaNet(nn.Module):
         return {g: groups[g] for g in PARAM_GROUPS if g in groups}
 
 
-def build_model(cfg: "ModelConfig", img_size: int) -> MultiTaskGliomaNet:
-    """The network for the ``model`` config section and input side ``img_size`` (``data.size``)."""
+def build_model(cfg: "ModelConfig", img_size: int, *, seed: int | None = None) -> MultiTaskGliomaNet:
+    """The network for the ``model`` config section and input side ``img_size`` (``data.size``).
+
+    With ``seed`` the initial weights depend only on it (torch's global generator is left as it
+    was): the same config and seed give the same initial global model on every run.
+    """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(cfg, img_size)
     if cfg.survival_head:
         raise ValueError(
             "model.survival_head=true is not supported by MultiTaskGliomaNet (no survival head is "

@@ -42,7 +42,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         )
     heldout = HeldoutEvaluator(cfg.federation.heldout, cfg)
     folder = RunFolder(out_dir / cfg.federation.run_name, cfg, resume=cfg.federation.resume)
-    model = build_model(cfg.model, cfg.data.size)
+    model = build_model(cfg.model, cfg.data.size, seed=cfg.train.seed)  # reproducible round 0
     state = folder.resume_state()
     offset = 0
     if state is not None:

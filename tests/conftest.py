@@ -20,3 +20,9 @@ from tests.helpers import write_site  # noqa: E402
 def site_dir(tmp_path: Path) -> Path:
     """A valid six-case 16^3 site (``tests.helpers.SITE_CASES``) at ``tmp_path/site-a``."""
     return write_site(tmp_path / "site-a")
+
+
+@pytest.fixture(autouse=True)
+def _site_state_in_tmp(tmp_path_factory, monkeypatch) -> None:
+    """Sites without a state-path keep their state under $XDG_CACHE_HOME: never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))

@@ -11,6 +11,7 @@ import torch
 
 from common import simulation
 from common.config import compose
+from common.constants import TASKS
 from common.simulation import InProcessGrid, run_inprocess
 
 pytestmark = pytest.mark.integration
@@ -114,3 +115,30 @@ def test_imputer_pretraining_round_skips_sites_without_complete_cases_then_stays
     assert all(torch.equal(initial[k], after_pretrain[k]) for k in others)  # ...and touched nothing else
     assert all(torch.equal(after_pretrain[k], final[k]) for k in imputer)  # frozen afterwards
     assert any(not torch.equal(after_pretrain[k], final[k]) for k in others)
+
+
+def test_same_seed_same_global_model_and_pseudo_labeling_that_accepts_nothing_changes_nothing(
+    cohort: Path, tmp_path: Path
+) -> None:
+    """Reproducible runs: the initial global model and every site's training depend only on the
+    seed. Selecting pseudo-labels (MC dropout) must not shift the random stream training uses, so
+    a pseudo-labeling round that accepts nothing (tau_c above any confidence) trains exactly like
+    a supervised one, and an ablation against it measures the pseudo-labels alone."""
+    common = ("federation.min_nodes=2", "federation.rounds=1", "federation.evaluate_sites=false")
+
+    def final_weights(name: str, *overrides: str) -> dict[str, torch.Tensor]:
+        run_server(cohort, tmp_path / name, site_nodes(cohort, "site-a", "site-b"), *common, *overrides)
+        return torch.load(tmp_path / name / "tiny/checkpoints/last.pt", weights_only=True)["state_dict"]
+
+    first = final_weights("first")
+    again = final_weights("again")
+    nothing_accepted = final_weights("ssl", "ssl.enabled=true", "ssl.warmup_rounds=0", "ssl.tau_c=1.0",
+                                     "ssl.mc_passes=2")
+    other_seed = final_weights("seed", "train.seed=1")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert all(torch.equal(first[k], nothing_accepted[k]) for k in first)
+    assert any(not torch.equal(first[k], other_seed[k]) for k in first)
+    history = json.loads((tmp_path / "ssl/tiny/metrics.json").read_text())
+    train = history["rounds"][1]["train"]
+    assert all(m["pseudo_accepted"] == 0.0 for m in train.values())
+    assert sum(m[f"pseudo_{t}_candidates"] for m in train.values() for t in TASKS) > 0  # selection did run
