@@ -32,12 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``, accepting Hydra overrides anywhere on the line.
+
+    argparse fills a ``nargs="*"`` positional the first time it meets positionals, so
+    ``train DATA --device cuda +experiment=demo`` would reject the override after the option.
+    Left-over words that are not options are appended (in order) to ``args.overrides``; a
+    left-over option is still an error, as with ``parse_args``.
+    """
+    args, extra = parser.parse_known_args(argv)
+    options = [word for word in extra if word.startswith("-")]
+    if extra and (options or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
     # `fedglioma check-site DIR | head` should just stop, not print a BrokenPipeError traceback
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_overrides(build_parser(), argv)
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="delete earlier run folders instead of resuming them")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (e.g. model=demo data.size=48)")
-    return p.parse_args(argv)
+    from common.cli import parse_args_with_overrides
+
+    return parse_args_with_overrides(p, argv)
 
 
 def ensure_cohort(args: argparse.Namespace) -> Path:

@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (e.g. ssl.tau_c=0.9)")
-    return p.parse_args(argv)
+    from common.cli import parse_args_with_overrides
+
+    return parse_args_with_overrides(p, argv)
 
 
 def arm_config(arm: str, args: argparse.Namespace, data: Path, sites: list[str]):
