@@ -1,6 +1,6 @@
 """Pseudo-labeling ablation (issue #6): do local pseudo-labels and consistency help?
 
-Three federated runs with the same budget (rounds, local epochs, learning rate) on the ``bench``
+Four federated runs with the same budget (rounds, local epochs, learning rate) on the ``bench``
 synthetic cohort, through the real ServerApp and ClientApp (in-process grid):
 
   none     - supervised only (cases lacking a molecular label train only the tasks they have);
