@@ -199,7 +199,9 @@ def predict_pseudo_labels(
         ``pseudo_<task>_accepted``, ``pseudo_<task>_confidence`` (mean aligned confidence of the
         accepted ones, 0.0 when none), ``pseudo_<task>_candidate_confidence`` (mean aligned top-class
         confidence over all candidates, 0.0 when none: how far the model is from ``tau_c``),
-        ``pseudo_accepted`` (total) and ``pseudo_seconds``.
+        ``pseudo_<task>_majority_share`` (fraction of the accepted ones equal to the site's most
+        frequent real class of the task, ties to the lower class; 0.0 when none was accepted or the
+        site has no real label of the task), ``pseudo_accepted`` (total) and ``pseudo_seconds``.
     """
     ssl = cfg.ssl
     check_pseudo_label_config(ssl)
@@ -225,6 +227,12 @@ def predict_pseudo_labels(
         metrics[f"pseudo_{task}_accepted"] = float(accepted.sum())
         metrics[f"pseudo_{task}_confidence"] = float(confidence[accepted].mean()) if bool(accepted.any()) else 0.0
         metrics[f"pseudo_{task}_candidate_confidence"] = float(confidence.mean()) if confidence.numel() else 0.0
+        # 1.0 = every accepted label repeats the site's majority real class: the model is outputting
+        # the class prior, and such pseudo-labels add nothing a case-level label would
+        majority = int(np.bincount(known, minlength=NUM_CLASSES).argmax()) if known.size else None
+        metrics[f"pseudo_{task}_majority_share"] = (
+            float((chosen[accepted] == majority).float().mean()) if majority is not None and bool(accepted.any()) else 0.0
+        )
     metrics["pseudo_accepted"] = float((labels != UNKNOWN_LABEL).sum())
     metrics["pseudo_seconds"] = time.perf_counter() - start
     return PseudoLabels(labels=labels, metrics=metrics)

@@ -137,9 +137,10 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
         rows = [[s, *(_fmt(train[s].get(k)) for k in keys)] for s in sorted(train)]
         parts.append(_table(["site", *keys], rows))
     # pseudo-labels per round and site: counts and mean confidences only (scalars the sites sent);
-    # candidate_confidence shows how far a site's candidates are from tau_c when none is accepted
+    # candidate_confidence shows how far a site's candidates are from tau_c when none is accepted;
+    # majority_share near 1.0 says the accepted labels only repeat the site's majority class
     pseudo_keys = ["pseudo_accepted", *(f"pseudo_{t}_{m}" for t in TASKS
-                                        for m in ("accepted", "confidence", "candidate_confidence"))]
+                                        for m in ("accepted", "confidence", "candidate_confidence", "majority_share"))]
     pseudo_rows = [
         [str(r["round"]), site, *(_fmt(m.get(k)) for k in pseudo_keys)]
         for r in rounds for site, m in sorted((r.get("train") or {}).items()) if "pseudo_accepted" in m

@@ -108,11 +108,15 @@ def test_predictions_only_fill_unknown_labels_and_report_scalar_metrics(monkeypa
     assert [m[f"pseudo_{t}_candidates"] for t in TASKS] == [2.0, 2.0, 2.0, 2.0]
     assert m["pseudo_accepted"] == 8.0 and m["pseudo_idh_confidence"] == pytest.approx(0.99)
     assert m["pseudo_idh_candidate_confidence"] == pytest.approx(0.99)
+    # every accepted label is class 1; the site's real majority is 1 only for 1p/19q (a, b: 1);
+    # idh (a 0, c 1) and mgmt (a 1, b 0) tie and go to class 0, grade's is 0
+    assert [m[f"pseudo_{t}_majority_share"] for t in TASKS] == [0.0, 1.0, 0.0, 0.0]
 
     rejecting = compose(["ssl.enabled=true", "ssl.tau_c=1.0", "ssl.distribution_alignment=false"])
     none = predict_pseudo_labels(torch.nn.Identity(), cases, rejecting, torch.device("cpu"))
     assert none.metrics["pseudo_accepted"] == 0.0
     assert all(none.metrics[f"pseudo_{t}_confidence"] == 0.0 for t in TASKS)  # 0.0, never NaN
+    assert all(none.metrics[f"pseudo_{t}_majority_share"] == 0.0 for t in TASKS)
     # rejected candidates still report how confident the model was, so coordinators see the gap to tau_c
     assert all(none.metrics[f"pseudo_{t}_candidate_confidence"] == pytest.approx(0.99) for t in TASKS)
 
