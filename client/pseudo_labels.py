@@ -151,6 +151,16 @@ def real_label_matrix(cases: Sequence[CaseRecord]) -> np.ndarray:
     return np.asarray([c.labels for c in cases], dtype=np.int64).reshape(len(cases), len(TASKS))
 
 
+def class_counts(column: np.ndarray) -> np.ndarray:
+    """Per class, how many real labels one task's ``column`` of :func:`real_label_matrix` holds."""
+    return np.bincount(column[column != UNKNOWN_LABEL], minlength=NUM_CLASSES)
+
+
+def majority_class(counts: np.ndarray) -> int | None:
+    """The most frequent class of :func:`class_counts` (ties to the lower class); None without labels."""
+    return int(counts.argmax()) if counts.sum() else None
+
+
 def mc_predict_cases(
     model: nn.Module, cases: Sequence[CaseRecord], cfg: ExperimentConfig, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,10 +226,10 @@ def predict_pseudo_labels(
         candidates = real[rows, t] == UNKNOWN_LABEL  # mask over `rows`
         mask = torch.from_numpy(candidates)
         probs, spread = mean[mask, t], std[mask, t]
-        known = real[:, t][real[:, t] != UNKNOWN_LABEL]
-        if ssl.distribution_alignment and known.size:
-            counts = torch.as_tensor(np.bincount(known, minlength=NUM_CLASSES), dtype=torch.float64)
-            probs = align_distribution(probs, counts)
+        counts = class_counts(real[:, t])
+        majority = majority_class(counts)
+        if ssl.distribution_alignment and majority is not None:
+            probs = align_distribution(probs, torch.as_tensor(counts, dtype=torch.float64))
         chosen, confidence = select(probs, spread, ssl.tau_c, ssl.tau_u)
         labels[rows[candidates], t] = chosen.numpy()
         accepted = chosen != UNKNOWN_LABEL
@@ -229,7 +239,6 @@ def predict_pseudo_labels(
         metrics[f"pseudo_{task}_candidate_confidence"] = float(confidence.mean()) if confidence.numel() else 0.0
         # 1.0 = every accepted label repeats the site's majority real class: the model is outputting
         # the class prior, and such pseudo-labels add nothing a case-level label would
-        majority = int(np.bincount(known, minlength=NUM_CLASSES).argmax()) if known.size else None
         metrics[f"pseudo_{task}_majority_share"] = (
             float((chosen[accepted] == majority).float().mean()) if majority is not None and bool(accepted.any()) else 0.0
         )

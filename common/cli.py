@@ -41,11 +41,12 @@ def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] |
     left-over option is still an error, as with ``parse_args``.
     """
     args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
     options = [word for word in extra if word.startswith("-")]
-    if extra and (options or not hasattr(args, "overrides")):
+    if options or not hasattr(args, "overrides"):
         parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
-    if extra:
-        args.overrides = [*(args.overrides or []), *extra]
+    args.overrides = [*(args.overrides or []), *extra]
     return args
 
 

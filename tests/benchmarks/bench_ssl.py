@@ -31,8 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
@@ -87,10 +85,11 @@ def ground_truth(data: Path) -> dict[str, list[int]]:
 
 def site_majority(data: Path, site: str) -> list[int]:
     """Per task, the most frequent class among the site's real labels (0 when it has none)."""
+    from client.pseudo_labels import class_counts, majority_class, real_label_matrix
     from common.site import load_site
 
-    real = np.array([c.labels for c in load_site(data / site).cases])
-    return [int(np.bincount(col[col >= 0], minlength=2).argmax()) if (col >= 0).any() else 0 for col in real.T]
+    real = real_label_matrix(load_site(data / site).cases)
+    return [majority_class(class_counts(column)) or 0 for column in real.T]
 
 
 def pseudo_label_precision(
@@ -117,15 +116,13 @@ def pseudo_label_precision(
     return out
 
 
-def accepted_per_round(run_dir: Path) -> list[float]:
-    history = json.loads((run_dir / "metrics.json").read_text())
+def accepted_per_round(history: dict) -> list[float]:
     return [sum(m.get("pseudo_accepted", 0.0) for m in r["train"].values()) for r in history["rounds"][1:]]
 
 
-def candidate_confidence(run_dir: Path) -> dict[str, float]:
+def candidate_confidence(history: dict) -> dict[str, float]:
     """Per task, the candidates' mean aligned confidence at the last selection (weighted by the
     sites' candidate counts): how far the global model was from tau_c."""
-    history = json.loads((run_dir / "metrics.json").read_text())
     last = history["rounds"][-1]["train"].values()
     out = {}
     for task in TASKS:
@@ -211,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         results[arm] = score(run_dir, cfg)
         if cfg.ssl.enabled:
             precision[arm] = pseudo_label_precision(state_root, data, sites, truth)
-            accepted[arm] = accepted_per_round(run_dir)
-            confidence[arm] = candidate_confidence(run_dir)
+            history = json.loads((run_dir / "metrics.json").read_text())
+            accepted[arm] = accepted_per_round(history)
+            confidence[arm] = candidate_confidence(history)
         print(f"  {seconds[arm]:.0f} s; dice_wt={results[arm]['dice_wt']:.3f} "
               + " ".join(f"auc_{t}={results[arm][f'auc_{t}']:.3f}" for t in TASKS), flush=True)
     write_report(args.report, command, args, results, precision, accepted, confidence, seconds)
