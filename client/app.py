@@ -5,15 +5,15 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.session import SiteSession
 from common.config import from_run_config
+from common.model import build_model
 from common.wire import load_packed, pack_state
 
 app = ClientApp()
 
 
 def _model_from(msg: Message, context: Context):
-    from common.model import build_model
-
     cfg = from_run_config(context.run_config)
     model = build_model(cfg.model, cfg.data.size)
     load_packed(model, msg.content["arrays"])
@@ -27,8 +27,6 @@ def _site_record(name: str) -> ConfigRecord:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from client.site_training import SiteSession
-
     cfg, model = _model_from(msg, context)
     site = SiteSession.open(context.node_config, cfg)
     metrics = site.train(model, msg.content["config"])
@@ -40,8 +38,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.site_training import SiteSession
-
     cfg, model = _model_from(msg, context)
     site = SiteSession.open(context.node_config, cfg)
     metrics = site.evaluate(model)

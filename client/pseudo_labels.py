@@ -1,7 +1,7 @@
 """Local pseudo-labels for the molecular tasks (MTTU-Net; GMMAS stage 1), kept at the site.
 
 For every training case and task *without* a real label, T MC-dropout passes of the received
-global model (:func:`common.uncertainty.mc_dropout_predict`) give the mean and standard deviation of
+global model (:func:`common.evaluation.uncertainty.mc_dropout_predict`) give the mean and standard deviation of
 the class probabilities. Per task, the means are distribution-aligned to the site's real-label
 class balance (:func:`align_distribution`), and a prediction becomes a pseudo-label when its
 aligned confidence is at least ``ssl.tau_c`` and the MC standard deviation of that class's
@@ -26,11 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.state import RoundTag
 from common.config import ConfigError, ExperimentConfig, SSLConfig
-from common.constants import TASKS, UNKNOWN_LABEL
-from common.site import CaseRecord
-from common.training import Batch, RoundTag
-from common.transforms import INDEX, LABELS
+from common.contract import TASKS, UNKNOWN_LABEL
+from common.data.dataset import make_loader
+from common.data.site import CaseRecord, label_matrix
+from common.data.transforms import INDEX, LABELS
+from common.evaluation.uncertainty import mc_dropout_predict
+from common.io import atomic_write
+from common.runtime import Batch
 
 PSEUDO_LABELS_FILE = "pseudo_labels.json"
 STORE_FORMAT = "fedglioma-pseudo-labels/1"
@@ -146,13 +150,8 @@ class PseudoLabels:
         return int((self.labels != UNKNOWN_LABEL).sum())
 
 
-def real_label_matrix(cases: Sequence[CaseRecord]) -> np.ndarray:
-    """(N, T) int64 real labels of ``cases``, ``UNKNOWN_LABEL`` where unknown."""
-    return np.asarray([c.labels for c in cases], dtype=np.int64).reshape(len(cases), len(TASKS))
-
-
 def class_counts(column: np.ndarray) -> np.ndarray:
-    """Per class, how many real labels one task's ``column`` of :func:`real_label_matrix` holds."""
+    """Per class, how many real labels one task's ``column`` of :func:`label_matrix` holds."""
     return np.bincount(column[column != UNKNOWN_LABEL], minlength=NUM_CLASSES)
 
 
@@ -169,9 +168,6 @@ def mc_predict_cases(
     Returns:
         ``(mean, std)``, each (len(cases), T, 2) float32 on the CPU, tasks in TASKS order.
     """
-    from common.dataset import make_loader
-    from common.uncertainty import mc_dropout_predict
-
     mean = torch.zeros(len(cases), len(TASKS), NUM_CLASSES)
     std = torch.zeros_like(mean)
     if not cases:
@@ -216,7 +212,7 @@ def predict_pseudo_labels(
     ssl = cfg.ssl
     check_pseudo_label_config(ssl)
     start = time.perf_counter()
-    real = real_label_matrix(cases)
+    real = label_matrix(cases)
     rows = np.flatnonzero((real == UNKNOWN_LABEL).any(axis=1))
     mean, std = mc_predict_cases(model, [cases[i] for i in rows], cfg, device)
 
@@ -258,7 +254,6 @@ def save_pseudo_labels(
 ) -> Path:
     """Write the cases' pseudo-labels (N, T) to the site's store atomically; only cases with at
     least one pseudo-label are listed. Returns the file written."""
-    from common.run_folder import _atomic_write  # the project's one temp-file-and-rename writer
 
     if labels.shape != (len(cases), len(TASKS)):
         raise ValueError(f"save_pseudo_labels: labels must be ({len(cases)}, {len(TASKS)}), got {labels.shape}")
@@ -269,7 +264,7 @@ def save_pseudo_labels(
     }
     payload = {"format": STORE_FORMAT, **tag.as_dict(), "tasks": list(TASKS), "labels": entries}
     path = store_path(state_path)
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, sort_keys=True)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, sort_keys=True)))
     return path
 
 
@@ -324,7 +319,7 @@ def pseudo_label_matrix(stored: Mapping[str, Sequence[int]], cases: Sequence[Cas
     Returns:
         ``(labels (N, T) int64, number of stored labels dropped for a real one)``.
     """
-    real = real_label_matrix(cases)
+    real = label_matrix(cases)
     labels = np.full_like(real, UNKNOWN_LABEL)
     for i, case in enumerate(cases):
         if case.case_id in stored:
@@ -371,11 +366,11 @@ def prepare_pseudo_labels(
 
 # --------------------------------------------------------------------------- training hook
 class PseudoLabelHook:
-    """``batch_hook`` for :meth:`common.training.LocalTrainer.run`: merges pseudo-labels.
+    """``batch_hook`` for :meth:`client.training.LocalTrainer.run`: merges pseudo-labels.
 
     Writes ``labels`` (B, T): the real label where there is one, else the pseudo-label (else
     ``UNKNOWN_LABEL``); and ``label_weight`` (B, T) float: 1 for real labels, ``pseudo_weight``
-    for pseudo-labels, 0 for unknown (``common.losses.MultiTaskLoss`` masks by it).
+    for pseudo-labels, 0 for unknown (``client.losses.MultiTaskLoss`` masks by it).
 
     Args:
         pseudo: (N, T) pseudo-labels in the order of the loader's dataset (``batch["index"]``).
@@ -390,7 +385,7 @@ class PseudoLabelHook:
 
     def __call__(self, batch: Batch) -> Batch:
         if INDEX not in batch:
-            raise KeyError(f"PseudoLabelHook needs batch[{INDEX!r}] (common.dataset batches carry it)")
+            raise KeyError(f"PseudoLabelHook needs batch[{INDEX!r}] (common.data.dataset batches carry it)")
         real = batch[LABELS].long()
         pseudo = self.table[batch[INDEX].long().cpu()].to(real.device)
         is_real = real != UNKNOWN_LABEL

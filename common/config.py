@@ -1,6 +1,6 @@
 """Typed, frozen experiment configuration and its one-way flow.
 
-Hydra composes ``configs/`` into a nested mapping; :func:`from_mapping` turns it into the frozen
+Hydra composes ``common/configs/`` into a nested mapping; :func:`from_mapping` turns it into the frozen
 :class:`ExperimentConfig`; :func:`to_run_config` flattens that into Flower's run-config (scalar
 values only, keys ``"section.field"``); :func:`from_run_config` rebuilds the identical dataclass
 from ``context.run_config`` on the server and on every site. No other code reads raw config keys.
@@ -9,11 +9,25 @@ from ``context.run_config`` on the server and on every site. No other code reads
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
+#: The Hydra config tree, shipped inside the package (found without an editable install).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# The allowed values of the config's choice fields: the one list each, also used by the modules
+# that implement them (fusion, losses, task weighting, strategy) to check constructor arguments.
+FUSIONS: tuple[str, ...] = ("weighted", "experts")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+CLS_LOSSES: tuple[str, ...] = ("weighted_ce", "balanced_softmax", "focal")
+TASK_WEIGHTINGS: tuple[str, ...] = ("uncertainty", "equal")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 
 Scalar = bool | int | float | str
 
@@ -166,11 +180,15 @@ def _coerce(section: str, name: str, ftype: Any, value: Any) -> Scalar:
     raise ConfigError(f"{key}: unsupported field type {ftype!r}")
 
 
-def _suggest(name: str, options: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, options, n=1)
+def suggest(name: str, options: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options``, else `` (known: a, b)``."""
+    close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def choice_error(what: str, value: str, options: Sequence[str]) -> ValueError:
+    """``ValueError("unknown <what> 'x' (did you mean 'y'?)")`` for a value not in ``options``."""
+    return ValueError(f"unknown {what} {value!r}{suggest(str(value), options)}")
 
 
 def from_mapping(mapping: Mapping[str, Any]) -> ExperimentConfig:
@@ -182,13 +200,13 @@ def from_mapping(mapping: Mapping[str, Any]) -> ExperimentConfig:
     sections: dict[str, Any] = {}
     for sname, values in mapping.items():
         if sname not in _SECTION_TYPES:
-            raise ConfigError(f"unknown config section {sname!r}{_suggest(sname, list(_SECTION_TYPES))}")
+            raise ConfigError(f"unknown config section {sname!r}{suggest(sname, list(_SECTION_TYPES))}")
         stype = _SECTION_TYPES[sname]
         known = {f.name: f for f in fields(stype)}
         kwargs: dict[str, Scalar] = {}
         for key, value in (values or {}).items():
             if key not in known:
-                raise ConfigError(f"unknown config key {sname}.{key}{_suggest(key, list(known))}")
+                raise ConfigError(f"unknown config key {sname}.{key}{suggest(key, list(known))}")
             kwargs[key] = _coerce(sname, key, known[key].type, value)
         sections[sname] = stype(**kwargs)
     cfg = ExperimentConfig(**sections)
@@ -199,16 +217,16 @@ def from_mapping(mapping: Mapping[str, Any]) -> ExperimentConfig:
 def validate(cfg: ExperimentConfig) -> None:
     """Reject values that are of the right type but make no sense."""
     choices = {
-        ("model", "fusion"): ("weighted", "experts"),
-        ("train", "optimizer"): ("adamw", "sgd"),
-        ("train", "cls_loss"): ("weighted_ce", "balanced_softmax", "focal"),
-        ("train", "task_weighting"): ("uncertainty", "equal"),
-        ("federation", "strategy"): ("fedavg", "fedprox"),
+        ("model", "fusion"): FUSIONS,
+        ("train", "optimizer"): OPTIMIZERS,
+        ("train", "cls_loss"): CLS_LOSSES,
+        ("train", "task_weighting"): TASK_WEIGHTINGS,
+        ("federation", "strategy"): STRATEGIES,
     }
     for (sname, key), allowed in choices.items():
         value = getattr(getattr(cfg, sname), key)
         if value not in allowed:
-            raise ConfigError(f"{sname}.{key}={value!r} is not one of {allowed}{_suggest(value, list(allowed))}")
+            raise ConfigError(f"{sname}.{key}={value!r} is not one of {allowed}{suggest(value, list(allowed))}")
     if cfg.data.size % 8:
         raise ConfigError(f"data.size={cfg.data.size} must be a multiple of 8 (the encoder downsamples 3 times)")
     if cfg.model.d_model % cfg.model.heads:
@@ -241,12 +259,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> ExperimentConfig:
-    """Compose ``configs/<config_name>.yaml`` with Hydra overrides (``model=demo``,
+    """Compose ``common/configs/<config_name>.yaml`` with Hydra overrides (``model=demo``,
     ``federation.rounds=5``) and return the frozen config."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         composed = hydra_compose(config_name=config_name, overrides=list(overrides or []))
     return from_mapping(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]

@@ -14,7 +14,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common.config import ExperimentConfig, from_run_config
+from common.model import build_model
 from common.wire import load_packed, pack_state
+from server.heldout import HeldoutEvaluator
+from server.report import write_report
+from server.run_folder import RunFolder
 from server.schedule import RoundSchedule
 from server.strategy import build_strategy
 
@@ -28,11 +32,6 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     """Run (or resume) the configured federation on ``grid``; returns metrics.json's ``final``."""
-    from common.model import build_model
-    from common.report import write_report
-    from common.run_folder import RunFolder
-    from server.heldout import HeldoutEvaluator
-
     # The ServerApp runs in the SuperLink's working directory: only absolute paths are safe.
     out_dir = Path(cfg.federation.out_dir)
     if not out_dir.is_absolute():

@@ -8,16 +8,16 @@ import torch
 from torch import nn
 
 from common.config import ExperimentConfig
+from common.data.dataset import make_loader
+from common.data.site import load_site
+from common.evaluation.loop import evaluate
+from common.runtime import select_device
 
 
 class HeldoutEvaluator:
     """Loads and validates the held-out center once, then scores any model on all of its cases."""
 
     def __init__(self, root: Path | str, cfg: ExperimentConfig, device: torch.device | None = None) -> None:
-        from common.dataset import make_loader
-        from common.site import load_site
-        from common.training import select_device
-
         if not str(root):
             raise ValueError(
                 "federation.heldout is empty: set it to the held-out center's folder, e.g. "
@@ -33,7 +33,5 @@ class HeldoutEvaluator:
         return len(self.index.cases)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        from common.evaluation import evaluate
-
         model.to(self.device)
         return evaluate(model, self.loader, self.device, progress=self.progress, desc="held-out")

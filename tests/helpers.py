@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from common.constants import ED, LABELS_CSV, LABELS_CSV_COLUMNS, NAMING, NCR, SEQUENCES
+from common.contract import ED, LABELS_CSV, LABELS_CSV_COLUMNS, NAMING, NCR, SEQUENCES
 
 #: Mean intensity of (brain, edema, enhancing, necrosis) per sequence: different contrasts, so a
 #: channel mix-up shows in tests.

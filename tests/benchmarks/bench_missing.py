@@ -1,7 +1,7 @@
 """Missing-sequence ablation (issue #5): does imputation + expert fusion beat the alternatives?
 
 Three federated runs with the same supervised budget on the ``bench`` synthetic cohort, through
-the real ServerApp and ClientApp (in-process grid, see ``common/simulation.py``):
+the real ServerApp and ClientApp (in-process grid, see ``deploy/simulation.py``):
 
   (a) complete-case-only training   - ``data.complete_only=true``: cases missing any sequence are
                                       left out of training (sites without complete cases sit out);
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.constants import SEQUENCES, TASKS  # noqa: E402
+from common.contract import SEQUENCES, TASKS  # noqa: E402
 
 ARMS = {
     "a": ("complete cases only", ["data.complete_only=true"]),
@@ -58,13 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="delete earlier run folders instead of resuming them")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (e.g. model=demo data.size=48)")
-    from common.cli import parse_args_with_overrides
+    from fedglioma.cli import parse_args_with_overrides
 
     return parse_args_with_overrides(p, argv)
 
 
 def ensure_cohort(args: argparse.Namespace) -> Path:
-    from common.synth import generate_cohort
+    from synth import generate_cohort
 
     data = args.data.resolve()
     if not (data / "cohort.json").exists():
@@ -103,10 +103,10 @@ def training_cases(run_dir: Path) -> float:
 
 def score(run_dir: Path, cfg) -> dict[str, dict[str, float]]:
     """Held-out metrics of the run's last global model under every test-time condition."""
-    from common.dataset import make_loader
-    from common.evaluation import drop_sequences, evaluate
-    from common.run_folder import load_model
-    from common.site import load_site
+    from common.data.dataset import make_loader
+    from common.data.site import load_site
+    from common.evaluation.loop import drop_sequences, evaluate
+    from common.model.checkpoint import load_model
 
     model, _ = load_model(run_dir / "checkpoints/last.pt")
     loader = make_loader(load_site(Path(cfg.federation.heldout)).cases, cfg.data, train=False)
@@ -171,7 +171,7 @@ def write_report(path: Path, args: argparse.Namespace, command: str, table: dict
 def main(argv: list[str] | None = None) -> int:
     import shutil
 
-    from common.simulation import run_inprocess, site_nodes
+    from deploy.simulation import run_inprocess, site_nodes
 
     args = parse_args(argv)
     command = "python tests/benchmarks/bench_missing.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -87,7 +87,7 @@ def _loss_fn(name: str, model: Any, device: Any):
     if name == REFERENCE:
         criterion = DiceCELoss(to_onehot_y=True, softmax=True)
         return lambda b: criterion(model(b["image"]).float(), b["seg"])
-    from common.losses import MultiTaskLoss
+    from client.losses import MultiTaskLoss
 
     criterion = MultiTaskLoss().to(device)
     return lambda b: criterion(model(b["image"], b["available"]), b, model.task_weighting).total
@@ -180,7 +180,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import monai.losses  # noqa: F401
     import monai.networks.nets  # noqa: F401
 
-    import common.losses  # noqa: F401
+    import client.losses  # noqa: F401
     import common.model  # noqa: F401
     from common.config import compose
 
@@ -242,7 +242,7 @@ def markdown_table(results: dict[str, dict[str, Any]], settings: dict[str, Any])
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["demo", "paper"], help="model presets (configs/model/*.yaml)")
+    parser.add_argument("--presets", nargs="+", default=["demo", "paper"], help="model presets (common/configs/model/*.yaml)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--size", type=int, default=None, help=f"training input side (default {GPU_DEFAULT_SIZE} on CUDA, {CPU_DEFAULT_SIZE} on CPU)")

@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.constants import TASK_CLASSES, TASK_COLUMNS, TASKS  # noqa: E402
+from common.contract import TASK_CLASSES, TASK_COLUMNS, TASKS  # noqa: E402
 
 ARMS = {
     "none": ("supervised only", ["ssl.enabled=false"]),
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (e.g. ssl.tau_c=0.9)")
-    from common.cli import parse_args_with_overrides
+    from fedglioma.cli import parse_args_with_overrides
 
     return parse_args_with_overrides(p, argv)
 
@@ -85,10 +85,10 @@ def ground_truth(data: Path) -> dict[str, list[int]]:
 
 def site_majority(data: Path, site: str) -> list[int]:
     """Per task, the most frequent class among the site's real labels (0 when it has none)."""
-    from client.pseudo_labels import class_counts, majority_class, real_label_matrix
-    from common.site import load_site
+    from client.pseudo_labels import class_counts, majority_class
+    from common.data.site import label_matrix, load_site
 
-    real = real_label_matrix(load_site(data / site).cases)
+    real = label_matrix(load_site(data / site).cases)
     return [majority_class(class_counts(column)) or 0 for column in real.T]
 
 
@@ -134,10 +134,10 @@ def candidate_confidence(history: dict) -> dict[str, float]:
 
 
 def score(run_dir: Path, cfg) -> dict[str, float]:
-    from common.dataset import make_loader
-    from common.evaluation import evaluate
-    from common.run_folder import load_model
-    from common.site import load_site
+    from common.data.dataset import make_loader
+    from common.data.site import load_site
+    from common.evaluation.loop import evaluate
+    from common.model.checkpoint import load_model
 
     model, _ = load_model(run_dir / "checkpoints/last.pt")
     loader = make_loader(load_site(Path(cfg.federation.heldout)).cases, cfg.data, train=False)
@@ -183,8 +183,8 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.simulation import run_inprocess, site_nodes
-    from common.synth import generate_cohort
+    from deploy.simulation import run_inprocess, site_nodes
+    from synth import generate_cohort
 
     args = parse_args(argv)
     command = "python tests/benchmarks/bench_ssl.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: make `common` importable
     sys.path.insert(0, str(ROOT))
 
-from common.constants import TASK_CLASSES, TASK_COLUMNS, TASKS  # noqa: E402
-from common.synth import generate_cohort  # noqa: E402
-from common.synth.cohort import GROUND_TRUTH_CSV  # noqa: E402
+from common.contract import TASK_CLASSES, TASK_COLUMNS, TASKS  # noqa: E402
+from synth import generate_cohort  # noqa: E402
+from synth.cohort import GROUND_TRUTH_CSV  # noqa: E402
 
 FEATURES = ("log_wt_volume_ml", "enhancing_fraction")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.deployment import descendant_processes, proc_stat
+from deploy.federation import descendant_processes, proc_stat
 
 #: executables of Flower's deployment engine (SuperLink/SuperNode, their SuperExec, the apps) and the proxy
 FLOWER_PROCESS_NAMES = (

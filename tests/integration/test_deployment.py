@@ -1,4 +1,4 @@
-"""The real deployment engine on 127.0.0.1 through :class:`common.deployment.LocalFederation`:
+"""The real deployment engine on 127.0.0.1 through :class:`deploy.federation.LocalFederation`:
 a TLS SuperLink with SuperNode authentication, registered and unregistered site keys, and a
 trivial Flower app (numpy arrays only) whose runs must end as ``finished:completed`` or
 ``finished:failed`` exactly when they should. Every process is stopped and checked gone.
@@ -24,15 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from common.certs import Credentials, ensure_credentials
-from common.deployment import (
-    FederationError,
+from deploy.certs import Credentials, ensure_credentials
+from deploy.federation import (
     LocalFederation,
     ManagedProcess,
     descendant_processes,
     format_config,
     free_port,
 )
+from server.errors import FederationError
 from tests.integration.conftest import flower_processes, wait_until_gone
 
 pytestmark = pytest.mark.integration

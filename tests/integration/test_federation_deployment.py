@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.deployment import descendant_processes
+from deploy.federation import descendant_processes
 from tests.integration.conftest import wait_until_gone
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    from common.synth import generate_cohort
+    from synth import generate_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(out, preset="tiny", sites=2, cases_per_site=6, heldout_cases=4, shape=32, seed=5)
@@ -31,7 +31,7 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def test_two_rounds_over_tls_then_resume(cohort: Path, tmp_path: Path) -> None:
-    from common.demo import run_demo
+    from deploy.demo import run_demo
 
     runs, workdir = tmp_path / "runs", tmp_path / "federation"
     overrides = ["+experiment=tiny", "federation.rounds=2", "federation.evaluate_sites=true"]

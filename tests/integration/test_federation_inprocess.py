@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import simulation
 from common.config import compose
-from common.constants import TASKS
-from common.simulation import InProcessGrid, run_inprocess
+from common.contract import TASKS
+from deploy import simulation
+from deploy.simulation import InProcessGrid, run_inprocess
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    from common.synth import generate_cohort
+    from synth import generate_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(out, preset="tiny", sites=2, cases_per_site=6, heldout_cases=4, shape=32, seed=3)

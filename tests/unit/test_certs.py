@@ -1,4 +1,4 @@
-"""Certificates and site keys from ``common.certs``: valid chains, the formats Flower parses, file
+"""Certificates and site keys from ``deploy.certs``: valid chains, the formats Flower parses, file
 modes, and the keep-unless-forced rules."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common import certs
-from common.certs import (
+from deploy import certs
+from deploy.certs import (
     CredentialsError,
     create_ca,
     create_server_cert,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.cli import build_parser, parse_args_with_overrides
+from fedglioma.cli import build_parser, parse_args_with_overrides
 
 
 def test_overrides_after_options_are_kept_in_order() -> None:

@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.config import compose, replace
-from common.consistency import (
+from client.consistency import (
     ComplementaryDropout,
     ConsistencyRegularizer,
     EMATeacher,
@@ -23,9 +22,11 @@ from common.consistency import (
     load_teacher,
     save_teacher,
 )
-from common.constants import TASKS, UNKNOWN_LABEL
+from client.state import RoundTag
+from client.training import LocalTrainer
+from common.config import compose, replace
+from common.contract import TASKS, UNKNOWN_LABEL
 from common.model import build_model
-from common.training import LocalTrainer, RoundTag
 
 SIZE = 16
 

@@ -1,4 +1,4 @@
-"""common.uncertainty (MC-dropout) and common.evaluation (the evaluation loop) on fake models that
+"""common.evaluation.uncertainty (MC-dropout) and common.evaluation.loop (the evaluation loop) on fake models that
 follow the GliomaOutput interface: ``model(image, available)`` -> ``.seg_logits``, ``.cls_logits``,
 ``.aux``."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.constants import ED, ET, METRIC_KEYS, NCR, TASKS, UNKNOWN_LABEL
-from common.evaluation import evaluate
-from common.uncertainty import mc_dropout, mc_dropout_predict
+from common.contract import ED, ET, METRIC_KEYS, NCR, TASKS, UNKNOWN_LABEL
+from common.evaluation.loop import evaluate
+from common.evaluation.uncertainty import mc_dropout, mc_dropout_predict
 
 S = 16
 
@@ -214,7 +214,7 @@ def test_evaluate_empty_loader_gives_nan_metrics() -> None:
 
 
 def test_drop_sequences_zero_fills_and_clears_availability():
-    from common.evaluation import drop_sequences
+    from common.evaluation.loop import drop_sequences
 
     batch = {"image": torch.ones(2, 4, 4, 4, 4), "available": torch.ones(2, 4, dtype=torch.bool), "x": torch.zeros(1)}
     (out,) = list(drop_sequences([batch], ["t1", "flair"]))

@@ -12,9 +12,9 @@ from typing import Iterator
 import pytest
 import torch
 
-from common.constants import PARAM_GROUPS, SEQUENCES
-from common.expert_fusion import ExpertFusion
-from common.imputation import (
+from common.contract import PARAM_GROUPS, SEQUENCES
+from common.model.expert_fusion import ExpertFusion
+from common.model.imputation import (
     CrossSequenceImputer,
     freeze_module,
     gaussian_kl,

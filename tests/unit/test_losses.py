@@ -1,4 +1,4 @@
-"""Multi-task loss (common.losses): masking, class weights, loss variants, uncertainty weighting."""
+"""Multi-task loss (client.losses): masking, class weights, loss variants, uncertainty weighting."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from client.losses import MultiTaskLoss, UncertaintyWeighting, class_weights_from_labels
 from common.config import compose
-from common.constants import TASKS, UNKNOWN_LABEL
-from common.losses import MultiTaskLoss, UncertaintyWeighting, class_weights_from_labels
+from common.contract import TASKS, UNKNOWN_LABEL
 from common.model import GliomaOutput, MultiTaskGliomaNet, build_model
 
 SIZE = 16

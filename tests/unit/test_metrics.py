@@ -1,4 +1,4 @@
-"""common.metrics: BraTS Dice/HD95 with empty-region rules, classification scores, ECE,
+"""common.evaluation.metrics: BraTS Dice/HD95 with empty-region rules, classification scores, ECE,
 the accumulator's key contract and the model-selection score."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from common.constants import ED, ET, METRIC_KEYS, NCR, SEG_METRIC_KEYS, TASKS, UNKNOWN_LABEL
-from common.metrics import (
+from common.contract import ED, ET, METRIC_KEYS, NCR, SEG_METRIC_KEYS, TASKS, UNKNOWN_LABEL
+from common.evaluation.metrics import (
     HD95_EMPTY_PENALTY_MM,
     MetricAccumulator,
     classification_scores,
@@ -21,7 +21,7 @@ from common.metrics import (
     segmentation_scores,
     summary_score,
 )
-from common.run_folder import json_safe
+from common.io import json_safe
 
 S = 16
 

@@ -1,4 +1,4 @@
-"""The multi-task network (common.model) and sequence fusion (common.fusion)."""
+"""The multi-task network (common.model) and sequence fusion (common.model.fusion)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from common.config import ModelConfig, compose
-from common.constants import PARAM_GROUPS, SEQUENCES, TASKS
-from common.fusion import Fusion, WeightedFusion, build_fusion
+from common.contract import PARAM_GROUPS, SEQUENCES, TASKS
+from common.evaluation.uncertainty import mc_dropout
 from common.model import GliomaOutput, MultiTaskGliomaNet, build_model
-from common.uncertainty import mc_dropout
+from common.model.fusion import Fusion, WeightedFusion, build_fusion
 
 SIZE = 16
 SUBSETS = [s for r in range(1, 5) for s in itertools.combinations(range(len(SEQUENCES)), r)]
@@ -219,7 +219,7 @@ def test_build_fusion_kinds() -> None:
 
 
 def test_expert_fusion_plugs_in(tiny_cfg: ModelConfig) -> None:
-    pytest.importorskip("common.expert_fusion")
+    pytest.importorskip("common.model.expert_fusion")
     cfg = ModelConfig(**{**tiny_cfg.__dict__, "fusion": "experts"})
     net = build_model(cfg, SIZE).eval()
     available = _mask((0, 2), (1, 2, 3))
@@ -232,7 +232,7 @@ def test_expert_fusion_plugs_in(tiny_cfg: ModelConfig) -> None:
 
 
 def test_imputer_plugs_in(tiny_cfg: ModelConfig) -> None:
-    pytest.importorskip("common.imputation")
+    pytest.importorskip("common.model.imputation")
     cfg = ModelConfig(**{**tiny_cfg.__dict__, "imputation": True})
     net = build_model(cfg, SIZE).eval()
     available = _mask((0, 2), (3,))

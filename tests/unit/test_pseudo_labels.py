@@ -25,13 +25,13 @@ from client.pseudo_labels import (
     save_pseudo_labels,
     select,
 )
-from client.site_training import SiteSession, default_state_path, site_state_path
+from client.session import SiteSession
+from client.state import RoundTag, default_state_path, site_state_path
 from common.config import compose
-from common.constants import LABELS_CSV, TASKS, UNKNOWN_LABEL
+from common.contract import LABELS_CSV, TASKS, UNKNOWN_LABEL
+from common.data.site import CaseRecord
+from common.evaluation.uncertainty import mc_dropout, mc_dropout_predict
 from common.model import build_model
-from common.site import CaseRecord
-from common.training import RoundTag
-from common.uncertainty import mc_dropout, mc_dropout_predict
 
 U = UNKNOWN_LABEL
 
@@ -172,7 +172,7 @@ def test_state_path_comes_from_node_config_or_the_user_cache(monkeypatch, tmp_pa
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     """site-a of a tiny cohort with IDH and MGMT labels blanked for four cases."""
-    from common.synth import generate_cohort
+    from synth import generate_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(out, preset="tiny", sites=1, cases_per_site=6, heldout_cases=2, shape=32, seed=1, workers=1)

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from common.report import write_report
+from server.report import write_report
 
 
 def history() -> dict:

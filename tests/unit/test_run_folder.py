@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from common.config import compose
-from common.constants import METRIC_KEYS
-from common.run_folder import RunFolder, RunFolderError, load_checkpoint
+from common.contract import METRIC_KEYS
+from common.model.checkpoint import load_checkpoint
+from server.run_folder import RunFolder, RunFolderError
 
 
 def heldout(dice: float, auc: float) -> dict[str, float]:
@@ -67,7 +68,7 @@ def test_resume_with_a_different_model_is_refused(tmp_path) -> None:
 
 
 def test_summary_score_ignores_missing_aucs() -> None:
-    from common.run_folder import summary_score
+    from server.run_folder import summary_score
 
     score = summary_score(heldout(0.6, 0.8))
     assert math.isclose(score, (0.6 + 0.8) / 2)

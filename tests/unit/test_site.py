@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.constants import LABELS_CSV_COLUMNS, SEQUENCES, TASKS, UNKNOWN_LABEL
-from common.site import (
+from common.contract import LABELS_CSV_COLUMNS, SEQUENCES, TASKS, UNKNOWN_LABEL
+from common.data.site import (
     CaseRecord,
     LabelsCsvError,
     NoUsableCaseError,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common import site_check
+from client import check_site as site_check
 from tests.helpers import SITE_CASES, case_path, write_case, write_labels_csv
 
 ROW = ("wildtype", "intact", "HGG", "methylated")

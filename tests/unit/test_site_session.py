@@ -7,17 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.site_training import SiteSession
+from client.session import SiteSession
 from common.config import compose
 from common.model import build_model
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    from common.synth import generate_cohort
+    from synth import generate_cohort
 
     out = tmp_path_factory.mktemp("cohort")
-    # site-a has every sequence, site-b never has T1 (see common/synth profiles)
+    # site-a has every sequence, site-b never has T1 (see synth/cohort.py profiles)
     generate_cohort(out, preset="tiny", sites=2, cases_per_site=5, heldout_cases=2, shape=32, seed=2)
     return out
 

@@ -1,4 +1,4 @@
-"""The synthetic cohort generator (common/synth): determinism, the site data contract, biology and
+"""The synthetic cohort generator (synth/): determinism, the site data contract, biology and
 imaging tendencies, and the output-folder rules. Volumes are 16-32^3 so the file runs in seconds."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.constants import (
+from common.contract import (
     ALLOWED_SEG_VALUES,
     ED,
     ET,
@@ -24,19 +24,19 @@ from common.constants import (
     TASK_COLUMNS,
     TASKS,
 )
-from common.synth import PRESETS, CohortError, generate_cohort
-from common.synth.cohort import (
+from synth import PRESETS, CohortError, generate_cohort
+from synth.cohort import (
     GROUND_TRUTH_CSV,
     HELDOUT,
     HELDOUT_PROFILE,
     SITE_PROFILES,
     CaseSpec,
+    cohort_site_name,
     make_case,
     resolve_preset,
-    site_name,
     site_plan,
 )
-from common.synth.tumor import TumorPhenotype, grow_tumor, sample_phenotype, sample_status
+from synth.tumor import TumorPhenotype, grow_tumor, sample_phenotype, sample_status
 
 SMALL = dict(sites=2, cases_per_site=3, heldout_cases=3, shape=24)
 
@@ -174,7 +174,7 @@ def test_labels_csv_has_allowed_values_blanks_for_unknown_and_agrees_with_truth(
 
 
 def test_the_site_loader_accepts_every_generated_case(cohort_dir: Path, cohort: dict) -> None:
-    from common.site import scan_site
+    from common.data.site import scan_site
 
     for site, info in cohort["sites"].items():
         index = scan_site(cohort_dir / site)
@@ -206,7 +206,7 @@ def test_cohort_ground_truth_respects_the_biology(cohort_dir: Path) -> None:
 def test_phenotype_tendencies_follow_the_status_with_overlap() -> None:
     rng = np.random.default_rng(1)
     def draw(status_kw: dict, n: int = 600) -> list[TumorPhenotype]:
-        from common.synth.tumor import MolecularStatus
+        from synth.tumor import MolecularStatus
         return [sample_phenotype(MolecularStatus(**status_kw), rng) for _ in range(n)]
 
     gbm = draw(dict(idh_mutant=False, codeleted=False, hgg=True, methylated=False))
@@ -282,9 +282,9 @@ def test_presets_and_overrides() -> None:
 
 
 def test_site_names_and_profiles_cycle() -> None:
-    assert [site_name(i) for i in (0, 1, 25, 26)] == ["site-a", "site-b", "site-z", "site-ba"]
+    assert [cohort_site_name(i) for i in (0, 1, 25, 26)] == ["site-a", "site-b", "site-z", "site-ba"]
     plan = site_plan(resolve_preset("tiny", len(SITE_PROFILES) + 1, 1, 1, 16))
-    assert plan["site-a"][1] is plan[site_name(len(SITE_PROFILES))][1] is SITE_PROFILES[0]
+    assert plan["site-a"][1] is plan[cohort_site_name(len(SITE_PROFILES))][1] is SITE_PROFILES[0]
     assert plan[HELDOUT] == ("heldout", HELDOUT_PROFILE)
 
 
@@ -312,7 +312,7 @@ def test_regenerating_replaces_a_previous_cohort_but_keeps_user_files(tmp_path: 
 
 
 def test_an_interrupted_cohort_is_replaced_without_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.synth.cohort as cohort_module
+    import synth.cohort as cohort_module
 
     real = cohort_module.generate_and_write
     calls = []
@@ -336,7 +336,7 @@ def test_an_interrupted_cohort_is_replaced_without_force(tmp_path: Path, monkeyp
 
 
 def test_cli_writes_the_cohort_and_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from common.cli import main
+    from fedglioma.cli import main
 
     args = ["synth", str(tmp_path / "c"), "--sites", "1", "--cases-per-site", "1", "--heldout-cases", "1",
             "--shape", "24", "--workers", "1", "--seed", "3"]

@@ -1,4 +1,4 @@
-"""Preprocessing (common.transforms) and the dataset/loaders built on it (common.dataset)."""
+"""Preprocessing (common.data.transforms) and the dataset/loaders built on it (common.data.dataset)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from common.config import DataConfig
-from common.constants import SEQUENCES, TASKS
-from common.dataset import SiteDataset, case_item, make_loader, make_loaders
-from common.site import CaseRecord, scan_site
-from common.transforms import ITEM_KEYS, build_transforms
+from common.contract import SEQUENCES, TASKS
+from common.data.dataset import SiteDataset, case_item, make_loader, make_loaders
+from common.data.site import CaseRecord, scan_site
+from common.data.transforms import ITEM_KEYS, build_transforms
 from tests.helpers import CONTRASTS, case_path, write_case, write_labels_csv, write_nifti
 
 ROW = ("mutant", "intact", "LGG", "")

@@ -1,0 +1,130 @@
+"""``fedglioma check-site DIR [DIR ...] [--json] [--shallow]``: what a site folder holds, what is
+usable, what is missing, what is broken and how to fix it.
+
+Exit status: 0 every site has at least one usable case; 1 a site has no usable case or its
+labels.csv is broken; 2 a folder does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_UNUSABLE, EXIT_NOT_FOUND = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                        help="site folder(s): one subfolder per case and a labels.csv")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (no prose)")
+    parser.add_argument("--shallow", action="store_true",
+                        help="check names, labels.csv and headers only; skip reading voxels (faster, "
+                             "misses truncated files, NaN/inf voxels and bad segmentation values)")
+
+
+def check_site(root: Path, *, deep: bool = True) -> tuple[int, dict[str, Any]]:
+    """(exit status, JSON-able report) for one site folder; ``report["error"]`` explains a
+    non-zero status."""
+    # Heavy (torch, flwr): imported when the command runs, so that `fedglioma --help` stays fast.
+    from common.data.site import LabelsCsvError, SiteNotFoundError, scan_site
+
+    base = {"site": root.name, "root": str(root), "deep": deep}
+    try:
+        index = scan_site(root, deep=deep)
+    except SiteNotFoundError as exc:
+        return EXIT_NOT_FOUND, base | {"usable": 0, "error": str(exc)}
+    except LabelsCsvError as exc:
+        return EXIT_UNUSABLE, base | {"usable": 0, "error": str(exc)}
+    report = base | index.summary()
+    if not index.cases:
+        report["error"] = (
+            f"site {index.name} has no usable case ({len(index.rejected)} rejected): "
+            "fix the problems listed above, or check that DIR is the site folder"
+        )
+        return EXIT_UNUSABLE, report
+    return EXIT_OK, report
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
+    """Left-aligned text columns (first column) and right-aligned numbers (others)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append(indent + "  ".join(parts).rstrip())
+        if n == 0:
+            lines.append(indent + "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable text of one site's report (see :func:`check_site`)."""
+    lines = [f"Site {report['site']}  ({report['root']})"]
+    if "sequences" not in report:  # the site could not be scanned at all
+        lines.append(f"  ERROR: {report['error']}")
+        return "\n".join(lines)
+    usable, rejected = report["usable"], report["rejected_count"]
+    lines.append(f"  usable cases: {usable} of {usable + rejected}   rejected: {rejected}   "
+                 f"complete (all 4 sequences): {report['complete']}")
+    if report["naming"]:
+        lines.append("  file naming: " + ", ".join(f"{k} {v}" for k, v in sorted(report["naming"].items())))
+    if usable:
+        lines.append("")
+        lines += _table(["sequence", "cases", "missing"],
+                        [[s, n, usable - n] for s, n in report["sequences"].items()])
+        lines.append("")
+        lines += _table(["sequences available (pattern)", "cases"], list(report["patterns"].items()))
+        lines.append("")
+        rows = []
+        for task, counts in report["labels"].items():
+            classes = [k for k in counts if k != "unknown"]
+            rows.append([task, *(f"{k} {counts[k]}" for k in classes), f"unknown {counts['unknown']}"])
+        lines += _table(["task", "class 0", "class 1", "no label"], rows)
+        lines.append("")
+        lines.append(f"  segmentations: {report['segmentations']} of {usable} usable cases")
+        legacy = report["legacy_et_remapped"]
+        if legacy:
+            lines.append(f"  note: {len(legacy)} segmentation(s) use label 4 for enhancing tumor (legacy BraTS); "
+                         f"it is remapped to 3 on load: {', '.join(legacy)}")
+    if report["rejected"]:
+        lines.append("")
+        lines.append(f"  Rejected cases ({rejected}):")
+        for r in report["rejected"]:
+            lines.append(f"    {r['case_id']}  ({r['path']})")
+            lines.append(f"      reason: {r['reason']}")
+            lines.append(f"      fix:    {r['fix']}")
+    if report["ignored_files"]:
+        lines.append("")
+        lines.append(f"  NIfTI files matching no expected name (not used): {len(report['ignored_files'])}")
+        lines += [f"    {p}" for p in report["ignored_files"]]
+        lines.append("    fix: name them <case>_t1/_t1ce/_t2/_flair/_seg.nii.gz or <case>-t1n/-t1c/-t2w/-t2f/-seg.nii.gz"
+                     " if they are sequences of the case, otherwise ignore this note")
+    if not report["deep"]:
+        lines.append("")
+        lines.append("  (--shallow: voxels were not read; run without --shallow to check every file's content)")
+    if "error" in report:
+        lines.append("")
+        lines.append(f"  ERROR: {report['error']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    status, reports = EXIT_OK, []
+    for root in args.dirs:
+        code, report = check_site(Path(root).expanduser(), deep=not args.shallow)
+        status = max(status, code)  # 2 (not found) > 1 (unusable) > 0
+        reports.append(report)
+        if not args.json:
+            print(format_report(report), flush=True)
+            print()
+    if args.json:
+        print(json.dumps({"ok": status == EXIT_OK, "sites": reports}, indent=1))
+    elif status != EXIT_OK:
+        failed = [r["site"] for r in reports if "error" in r]
+        print(f"check-site: {len(failed)} of {len(reports)} site folder(s) unusable: {', '.join(failed)} "
+              "(see ERROR above)", file=sys.stderr)
+    return status

@@ -1,0 +1,207 @@
+"""Everything a site does with its own data in one federated round.
+
+A :class:`SiteSession` is built fresh for every message (Flower starts a new ClientApp process per
+message in deployment): it validates the site folder, splits it deterministically into
+train/validation, and trains or evaluates the received global model. What it returns is scalar
+metrics only; case IDs and per-case outputs never leave this module.
+
+With ``ssl.enabled`` a site also keeps local state between rounds in its state folder (see
+:func:`site_state_path`): its pseudo-labels (:mod:`client.pseudo_labels`) and, with
+``ssl.consistency``, its EMA teacher (:mod:`client.consistency`). That folder stays on the site.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from client.consistency import TEACHER_FILE, ConsistencyRegularizer, load_teacher, save_teacher
+from client.pseudo_labels import PseudoLabelHook, prepare_pseudo_labels
+from client.state import RoundTag, SiteConfigError, default_state_path, site_state_path
+from client.training import LocalTrainer
+from common.config import ExperimentConfig
+from common.contract import SEQUENCES, TASKS
+from common.data.dataset import make_loader
+from common.data.site import load_site, split_cases
+from common.evaluation.loop import evaluate
+from common.model.imputation import freeze_module
+from common.runtime import configure_runtime, select_device
+
+
+def site_location(node_config: Mapping[str, Any]) -> tuple[str, Path]:
+    """(site name, data folder) from a SuperNode's ``--node-config``.
+
+    Node config keys: ``data-path`` (required: the site folder), ``site-name`` (default: the
+    folder's name) and ``state-path`` (optional, see :func:`site_state_path`).
+    """
+    path = str(node_config.get("data-path", "")).strip()
+    if not path:
+        raise SiteConfigError(
+            "this SuperNode has no data path: start it with "
+            "--node-config 'data-path=\"/abs/path/to/site\" site-name=\"site-x\"' "
+            "(optionally state-path=\"/abs/path/to/site-state\")"
+        )
+    root = Path(path).expanduser()
+    name = str(node_config.get("site-name", "")).strip() or root.name
+    return name, root
+
+
+@dataclass
+class SiteSession:
+    """One site's data and what it does with a received model (see the module docstring).
+
+    ``state_path``: the site's local state folder (:func:`site_state_path`); None means
+    :func:`default_state_path` of ``name``.
+    """
+
+    name: str
+    cfg: ExperimentConfig
+    device: torch.device
+    index: Any  # common.data.site.SiteIndex
+    train_cases: list[Any]  # common.data.site.CaseRecord
+    val_cases: list[Any]
+    state_path: Path | None = None
+
+    @classmethod
+    def open(cls, node_config: Mapping[str, Any], cfg: ExperimentConfig) -> "SiteSession":
+        name, root = site_location(node_config)
+        index = load_site(root)  # raises NoUsableCaseError naming the site and the reasons
+        train_cases, val_cases = split_cases(index.cases, cfg.data.val_fraction, cfg.data.split_seed)
+        state = site_state_path(node_config, name)
+        return cls(name, cfg, select_device("auto"), index, train_cases, val_cases, state)
+
+    @property
+    def state_dir(self) -> Path:
+        """The site's local state folder (see :func:`site_state_path`)."""
+        return self.state_path if self.state_path is not None else default_state_path(self.name)
+
+    # ----------------------------------------------------------------- facts
+    def description(self) -> dict[str, float]:
+        """Counts the coordinator may see: cases, sequences and labels available (no IDs)."""
+        facts: dict[str, float] = {
+            "n_train": float(len(self.train_cases)),
+            "n_val": float(len(self.val_cases)),
+            "n_rejected": float(len(self.index.rejected)),
+            "n_complete": float(sum(all(c.available) for c in self.train_cases)),
+        }
+        for i, seq in enumerate(SEQUENCES):
+            facts[f"has_{seq}"] = float(sum(c.available[i] for c in self.train_cases))
+        for t, task in enumerate(TASKS):
+            facts[f"labeled_{task}"] = float(sum(c.labels[t] >= 0 for c in self.train_cases))
+        facts["has_seg"] = float(sum(c.seg is not None for c in self.train_cases))
+        return facts
+
+    # ----------------------------------------------------------------- train
+    def train(self, model: nn.Module, round_config: Mapping[str, Any]) -> dict[str, float]:
+        """Local training of ``model`` (in place) for the stage the server asked for.
+
+        Round config keys: ``stage``, ``local-epochs``, ``lr``, ``proximal-mu``,
+        ``freeze-imputer``, ``global-round`` and ``pseudo-label``. In a supervised round with
+        ``ssl.enabled``, pseudo-labels are re-selected first when ``pseudo-label`` is True (else
+        the stored ones are reused) and merged into training; with ``ssl.consistency`` such a
+        round also trains against the site's EMA teacher. Returns finite scalar metrics only.
+        """
+        cfg = self.cfg
+        configure_runtime(cfg, self.device)
+        stage = str(round_config.get("stage", "supervised"))
+        epochs = int(round_config.get("local-epochs", cfg.train.local_epochs))
+        lr = float(round_config.get("lr", cfg.train.lr))
+        if bool(round_config.get("freeze-imputer", False)) and hasattr(model, "imputer"):
+            freeze_module(model.imputer)
+        metrics = self.description()
+        cases = self.stage_cases(stage)
+        if not cases:
+            # Nothing to train on in this stage here (imputer pre-training or complete-case-only
+            # training at a site without complete cases): weights go back unchanged, weight 0.
+            metrics.update({"num-examples": 0.0, "steps": 0.0})
+            return _scalar_metrics(metrics)
+        # Shuffling and augmentation differ per round yet repeat exactly for the same seed and round.
+        seed = cfg.train.seed + int(round_config.get("global-round", 0))
+        loader = make_loader(cases, cfg.data, train=True, seed=seed)
+        trainer = LocalTrainer(model, cfg, self.device, loader.dataset.label_matrix())
+        if stage == "pretrain_imputer":
+            result = trainer.run(loader, stage=stage, epochs=epochs, lr=lr, desc=self.name)
+        else:
+            semi = self._semi_supervision(model, cases, round_config) if cfg.ssl.enabled else _SemiSupervision()
+            metrics.update(semi.metrics)
+            regularizer = semi.regularizer
+            result = trainer.run(
+                loader,
+                stage=stage,
+                epochs=epochs,
+                lr=lr,
+                proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+                batch_hook=semi.batch_hook,
+                extra_loss=regularizer,
+                after_step=regularizer.after_step if regularizer is not None else None,
+                desc=self.name,
+            )
+            if regularizer is not None:
+                save_teacher(regularizer.teacher, self.state_dir / TEACHER_FILE, self._round_tag(round_config))
+        n_examples = len(cases)
+        metrics.update(result.metrics)
+        metrics["num-examples"] = float(n_examples)
+        model.cpu()
+        return _scalar_metrics(metrics)
+
+    # ------------------------------------------------------- semi-supervision
+    def _round_tag(self, round_config: Mapping[str, Any]) -> "RoundTag":
+        return RoundTag(self.cfg.federation.run_name, int(round_config.get("global-round", 0)))
+
+    def stage_cases(self, stage: str) -> list[Any]:
+        """The training cases a stage uses: complete cases for imputer pre-training (it learns
+        to rebuild masked sequences) and with ``data.complete_only``; otherwise all of them."""
+        if stage == "pretrain_imputer" or self.cfg.data.complete_only:
+            return [c for c in self.train_cases if all(c.available)]
+        return list(self.train_cases)
+
+    def _semi_supervision(
+        self, model: nn.Module, cases: list[Any], round_config: Mapping[str, Any]
+    ) -> "_SemiSupervision":
+        """Pseudo-labels (refreshed with the received ``model`` when the round asks) and, in
+        pseudo-labeling rounds with ``ssl.consistency``, the consistency regulariser."""
+        ssl = self.cfg.ssl
+        tag = self._round_tag(round_config)
+        refresh = bool(round_config.get("pseudo-label", False))
+        pseudo = prepare_pseudo_labels(
+            self.state_dir, model, cases, self.cfg, self.device, refresh=refresh, tag=tag
+        )
+        semi = _SemiSupervision(PseudoLabelHook(pseudo.labels, ssl.pseudo_weight), metrics=dict(pseudo.metrics))
+        if ssl.consistency and refresh:
+            teacher, restored = load_teacher(model, self.state_dir / TEACHER_FILE, ssl.ema_decay, tag)
+            semi.regularizer = ConsistencyRegularizer(teacher, ssl, seed=self.cfg.train.seed + tag.global_round)
+            semi.metrics["consistency_teacher_restored"] = float(restored)
+        return semi
+
+    # -------------------------------------------------------------- evaluate
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Global model on this site's validation split (scalar metrics + num-examples)."""
+        loader = make_loader(self.val_cases, self.cfg.data, train=False)
+        model.to(self.device)
+        metrics = evaluate(model, loader, self.device, progress=False)
+        metrics["num-examples"] = float(len(self.val_cases))
+        model.cpu()
+        return metrics
+
+
+@dataclass
+class _SemiSupervision:
+    """What semi-supervised learning adds to one local round (nothing by default)."""
+
+    batch_hook: "PseudoLabelHook | None" = None
+    regularizer: "ConsistencyRegularizer | None" = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Plain finite floats (what a MetricRecord may carry); a non-finite value is a bug upstream."""
+    out = {str(k): float(v) for k, v in metrics.items()}
+    bad = sorted(k for k, v in out.items() if not math.isfinite(v))
+    if bad:
+        raise ValueError(f"site metrics {bad} are not finite; refusing to send them to the server")
+    return out

@@ -1,0 +1,67 @@
+"""A site's local state between rounds: where it lives, and which round wrote it.
+
+The state folder holds the site's pseudo-labels (``pseudo_labels.json``, keyed by case ID) and its
+EMA teacher (``ema_teacher.pt``); nothing in it is sent to the server.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class SiteConfigError(ValueError):
+    """The SuperNode's node config does not say where the site's data or state is."""
+
+
+@dataclass(frozen=True)
+class RoundTag:
+    """Which run and global round wrote a piece of site-local state (pseudo-labels, EMA teacher).
+
+    A site keeps such state on its own disk between rounds; it is reused only by a *later* round
+    of the *same* run. A new run under the same name restarts at global round 1, so state left by
+    the old run (written at a round >= the current one) is not reused either.
+    """
+
+    run_name: str
+    global_round: int
+
+    def precedes(self, current: "RoundTag") -> bool:
+        """True when this state was written earlier in the run ``current`` belongs to."""
+        return self.run_name == current.run_name and self.global_round < current.global_round
+
+    def as_dict(self) -> dict[str, str | int]:
+        return {"run_name": self.run_name, "global_round": self.global_round}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object]) -> "RoundTag":
+        """Inverse of :meth:`as_dict`; raises KeyError/TypeError/ValueError on a malformed mapping."""
+        run_name, global_round = values["run_name"], values["global_round"]
+        if not isinstance(run_name, str) or isinstance(global_round, bool) or not isinstance(global_round, int):
+            raise ValueError(f"run_name must be a string and global_round an integer, got {run_name!r}, {global_round!r}")
+        return cls(run_name, global_round)
+
+
+def default_state_path(site_name: str) -> Path:
+    """``$XDG_CACHE_HOME/fedglioma/sites/<site-name>`` (``~/.cache`` when XDG_CACHE_HOME is unset)."""
+    if not site_name or Path(site_name).name != site_name or site_name in {".", ".."}:
+        raise SiteConfigError(
+            f"site name {site_name!r} cannot name a state folder: set site-name to a plain name "
+            "(e.g. site-name=\"site-a\") or give state-path=\"/abs/path\" in --node-config"
+        )
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "fedglioma" / "sites" / site_name
+
+
+def site_state_path(node_config: Mapping[str, Any], site_name: str) -> Path:
+    """Where this site keeps its local state between rounds (created on first write).
+
+    It holds the site's pseudo-labels (``pseudo_labels.json``, keyed by case ID) and its EMA
+    teacher (``ema_teacher.pt``); nothing in it is sent to the server. Node config
+    ``state-path`` when given, else :func:`default_state_path` of the site name. Each SuperNode
+    needs its own folder.
+    """
+    path = str(node_config.get("state-path", "")).strip()
+    return Path(path).expanduser() if path else default_state_path(site_name)

@@ -1,0 +1,277 @@
+"""The local training engine shared by site training (ClientApp) and the baselines.
+
+One :class:`LocalTrainer` runs epochs of one *stage* over a site's training loader:
+
+* ``supervised``   - segmentation + molecular tasks (Dice+CE, masked per-task CE, uncertainty
+  task weighting); optional FedProx proximal term towards the received global weights;
+* ``pretrain_imputer`` - self-supervised pre-training of the imputation module on complete
+  cases (GMENet); the rest of the network is untouched.
+
+Semi-supervised learning plugs into the supervised stage through three optional callables:
+
+* ``batch_hook(batch) -> batch`` may add ``labels``/``label_weight`` entries (pseudo-labels,
+  :mod:`client.pseudo_labels`) before the loss is computed;
+* ``extra_loss(model, batch, output) -> (loss, {name: value})`` adds a scalar to the loss of every
+  step (consistency regularisation, :mod:`client.consistency`); its terms are reported as
+  ``loss_<name>`` metrics;
+* ``after_step(model)`` runs after every optimizer step (the EMA teacher update).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from client.losses import MultiTaskLoss, class_weights_from_labels
+from common.config import ExperimentConfig
+from common.contract import TASKS
+from common.model import GliomaOutput
+from common.model.imputation import imputation_pretrain_loss
+from common.runtime import Batch, move_batch
+
+STAGES: tuple[str, ...] = ("supervised", "pretrain_imputer")
+
+BatchHook = Callable[[Batch], Batch]
+#: ``(model, batch, output) -> (scalar loss, {term name: detached scalar})``; ``output`` is the
+#: model's output on ``batch`` from the supervised forward pass of the same step.
+ExtraLoss = Callable[[nn.Module, Batch, "GliomaOutput"], tuple[torch.Tensor, Mapping[str, torch.Tensor | float]]]
+#: ``(model) -> None``, called after every optimizer step.
+StepHook = Callable[[nn.Module], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message says where and what to try."""
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+
+
+def label_statistics(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task class counts (T, 2) and inverse-frequency class weights (T, 2) of real labels."""
+    counts = torch.zeros(len(TASKS), 2)
+    for t in range(len(TASKS)):
+        column = labels[:, t]
+        for c in range(2):
+            counts[t, c] = float((column == c).sum())
+    return counts, class_weights_from_labels(labels)
+
+
+@dataclass
+class StageResult:
+    """Scalar summary of one local stage (safe to send to the server)."""
+
+    metrics: dict[str, float]
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+
+class LocalTrainer:
+    """Runs local epochs of one stage for a :class:`common.model.MultiTaskGliomaNet`.
+
+    Args:
+        model: the network (moved to ``device`` here).
+        cfg: the experiment config (train section used).
+        device: where to train.
+        labels: (N, T) real labels of the training cases (class weights, balanced softmax).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ExperimentConfig,
+        device: torch.device,
+        labels: np.ndarray,
+    ) -> None:
+        self.model = model.to(device)
+        self.cfg = cfg
+        self.device = device
+        counts, weights = label_statistics(labels)
+        self.loss_fn = MultiTaskLoss(
+            tasks=TASKS,
+            cls_loss=cfg.train.cls_loss,
+            focal_gamma=cfg.train.focal_gamma,
+            class_weights=weights,
+            class_counts=counts,
+            task_weighting=cfg.train.task_weighting,
+        ).to(device)
+        self.use_amp = cfg.train.amp and device.type == "cuda"
+
+    # ------------------------------------------------------------------ stages
+    def run(
+        self,
+        loader: Iterable[Batch],
+        *,
+        stage: str = "supervised",
+        epochs: int = 1,
+        lr: float | None = None,
+        proximal_mu: float = 0.0,
+        batch_hook: BatchHook | None = None,
+        extra_loss: ExtraLoss | None = None,
+        after_step: StepHook | None = None,
+        desc: str = "train",
+    ) -> StageResult:
+        """Train ``epochs`` epochs of ``stage``; returns scalar metrics (mean losses, steps, time).
+
+        ``batch_hook``, ``extra_loss`` and ``after_step`` (see the module docstring) apply to the
+        supervised stage only.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
+        lr = self.cfg.train.lr if lr is None else lr
+        if stage == "pretrain_imputer":
+            hooks = {"batch_hook": batch_hook, "extra_loss": extra_loss, "after_step": after_step}
+            given = [name for name, hook in hooks.items() if hook is not None]
+            if given:
+                raise ValueError(f"stage 'pretrain_imputer' does not use {given}: pass them with stage='supervised' only")
+            return self._run_pretrain(loader, epochs=epochs, lr=lr, desc=desc)
+        return self._run_supervised(
+            loader,
+            epochs=epochs,
+            lr=lr,
+            proximal_mu=proximal_mu,
+            batch_hook=batch_hook,
+            extra_loss=extra_loss,
+            after_step=after_step,
+            desc=desc,
+        )
+
+    def _progress(self, loader: Iterable[Batch], desc: str) -> Iterable[Batch]:
+        if not self.cfg.train.progress:
+            return loader
+
+        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, where: str) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) {where}. Lower train.lr, enable "
+                "train.grad_clip, or run `fedglioma check-site` on the data (NaN/constant volumes)."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.cfg.train.grad_clip
+            )
+        scaler.step(optimizer)
+        scaler.update()
+
+    def _run_supervised(
+        self,
+        loader: Iterable[Batch],
+        *,
+        epochs: int,
+        lr: float,
+        proximal_mu: float,
+        batch_hook: BatchHook | None,
+        extra_loss: ExtraLoss | None,
+        after_step: StepHook | None,
+        desc: str,
+    ) -> StageResult:
+        model = self.model
+        model.train()
+        optimizer = build_optimizer(model, self.cfg, lr)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        anchor = (
+            [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else None
+        )
+        sums: dict[str, float] = {}
+        steps = 0
+        start = time.perf_counter()
+        for epoch in range(epochs):
+            for batch in self._progress(loader, f"{desc} {epoch + 1}/{epochs}"):
+                batch = move_batch(batch, self.device)
+                if batch_hook is not None:
+                    batch = batch_hook(batch)
+                with torch.autocast(self.device.type, enabled=self.use_amp):
+                    output = model(batch["image"], batch["available"])
+                    result = self.loss_fn(output, batch, model.task_weighting)
+                    extra = extra_loss(model, batch, output) if extra_loss is not None else None
+                loss = result.total.float()
+                terms: dict[str, torch.Tensor | float] = dict(result.terms)
+                if extra is not None:
+                    extra_total, extra_terms = extra
+                    loss = loss + extra_total.float()
+                    terms.update(extra_terms)
+                if anchor is not None:
+                    # FedProx proximal term (Li et al. 2020): mu/2 * ||w - w_global||^2.
+                    prox = sum(
+                        ((p - a) ** 2).sum()
+                        for p, a in zip((p for p in model.parameters() if p.requires_grad), anchor)
+                    )
+                    loss = loss + 0.5 * proximal_mu * prox
+                self._step(loss, optimizer, scaler, f"at epoch {epoch + 1}, step {steps + 1} ({desc})")
+                if after_step is not None:
+                    after_step(model)
+                steps += 1
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                for name, value in terms.items():
+                    sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
+                if self.cfg.train.max_steps and steps >= self.cfg.train.max_steps:
+                    break
+            if self.cfg.train.max_steps and steps >= self.cfg.train.max_steps:
+                break
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics.update(steps=float(steps), seconds=time.perf_counter() - start)
+        return StageResult(metrics)
+
+    def _run_pretrain(self, loader: Iterable[Batch], *, epochs: int, lr: float, desc: str) -> StageResult:
+        """GMENet stage 1: train only the imputer to reconstruct masked sequences' features."""
+        model = self.model
+        imputer = getattr(model, "imputer", None)
+        if imputer is None:
+            raise ValueError("stage 'pretrain_imputer' needs model.imputation=true")
+        model.eval()  # stems give fixed targets; only the imputer learns
+        imputer.train()
+        optimizer = torch.optim.AdamW(imputer.parameters(), lr=lr, weight_decay=self.cfg.train.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        icfg = self.cfg.imputation
+        sums: dict[str, float] = {}
+        steps = complete = 0
+        start = time.perf_counter()
+        for epoch in range(epochs):
+            for batch in self._progress(loader, f"{desc} imputer {epoch + 1}/{epochs}"):
+                batch = move_batch(batch, self.device)
+                if not bool(batch["available"].all(dim=1).any()):
+                    continue  # no complete case in this batch: nothing to learn from
+                with torch.no_grad():
+                    features = model.encode_sequences(batch["image"], batch["available"])
+                with torch.autocast(self.device.type, enabled=self.use_amp):
+                    loss, terms = imputation_pretrain_loss(
+                        imputer,
+                        features,
+                        batch["available"],
+                        mask_prob=icfg.mask_prob,
+                        kl_weight=icfg.kl_weight,
+                        cycle_weight=icfg.cycle_weight,
+                        generator=generator,
+                    )
+                self._step(loss.float(), optimizer, scaler, f"in imputer pre-training, epoch {epoch + 1}")
+                steps += 1
+                complete += int(terms.get("n_complete", 0))
+                sums["loss_impute"] = sums.get("loss_impute", 0.0) + float(loss.detach())
+                for name, value in terms.items():
+                    if name != "n_complete":
+                        sums[f"loss_impute_{name}"] = sums.get(f"loss_impute_{name}", 0.0) + float(value)
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics.update(steps=float(steps), complete_cases_seen=float(complete), seconds=time.perf_counter() - start)
+        return StageResult(metrics)
+
+
+def finite_or_nan(value: float) -> float:
+    """Map inf to NaN so metrics stay JSON-serialisable as null."""
+    return value if math.isfinite(value) else float("nan")

@@ -1,0 +1,76 @@
+"""The data contract in one place: sequences, file names, label maps, regions and tasks.
+
+Everything that names an MRI sequence, a segmentation label, a tumor region or a molecular task
+imports it from here. Values are validated against these tables at the boundary (file loading,
+labels.csv parsing); inside the package they are trusted.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+#: The four structural MRI sequences, in the channel order used everywhere (image tensors,
+#: availability masks, per-sequence stems).
+SEQUENCES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+
+#: File-name suffix of each sequence (and the segmentation) in the two BraTS conventions.
+#: BraTS 2020/2021: ``<case>/<case>_t1ce.nii.gz``; BraTS 2023+: ``<case>/<case>-t1c.nii.gz``.
+NAMING: Mapping[str, Mapping[str, str]] = MappingProxyType(
+    {
+        "brats2021": MappingProxyType(
+            {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"}
+        ),
+        "brats2023": MappingProxyType(
+            {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"}
+        ),
+    }
+)
+NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
+
+#: Internal segmentation labels.
+BACKGROUND, NCR, ED, ET = 0, 1, 2, 3
+SEG_CLASSES: tuple[str, ...] = ("background", "ncr", "ed", "et")
+#: Legacy BraTS (<= 2021) files store enhancing tumor as 4; it is remapped to ET on load.
+LEGACY_ET = 4
+ALLOWED_SEG_VALUES: frozenset[int] = frozenset({BACKGROUND, NCR, ED, ET, LEGACY_ET})
+
+#: BraTS evaluation regions as sets of internal labels (nnU-Net style: regions are data).
+REGIONS: Mapping[str, tuple[int, ...]] = MappingProxyType(
+    {"wt": (NCR, ED, ET), "tc": (NCR, ET), "et": (ET,)}
+)
+
+#: Molecular / grading tasks: the labels.csv column, the metric key suffix, and the class names
+#: in index order (index 1 is the "positive" class for AUC, sensitivity and specificity).
+TASKS: tuple[str, ...] = ("idh", "1p19q", "grade", "mgmt")
+TASK_COLUMNS: Mapping[str, str] = MappingProxyType(
+    {"idh": "idh", "1p19q": "codeletion_1p19q", "grade": "grade", "mgmt": "mgmt"}
+)
+TASK_CLASSES: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "idh": ("wildtype", "mutant"),
+        "1p19q": ("intact", "codeleted"),
+        "grade": ("LGG", "HGG"),
+        "mgmt": ("unmethylated", "methylated"),
+    }
+)
+#: Integer used for "no label for this task" in label tensors (masked out of the loss).
+UNKNOWN_LABEL = -1
+
+LABELS_CSV = "labels.csv"
+LABELS_CSV_COLUMNS: tuple[str, ...] = ("case_id",) + tuple(TASK_COLUMNS[t] for t in TASKS)
+LABELS_CSV_OPTIONAL: tuple[str, ...] = ("survival_days", "event")
+
+#: Metric keys (DESIGN.md section 7).
+SEG_METRIC_KEYS: tuple[str, ...] = tuple(
+    f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS
+)
+CLS_METRIC_NAMES: tuple[str, ...] = ("auc", "acc", "sen", "spe", "f1", "ece", "n")
+CLS_METRIC_KEYS: tuple[str, ...] = tuple(f"{m}_{t}" for t in TASKS for m in CLS_METRIC_NAMES)
+METRIC_KEYS: tuple[str, ...] = SEG_METRIC_KEYS + CLS_METRIC_KEYS + ("n_cases",)
+
+#: Parameter-name groups of the network, so strategies and freezing can select them by prefix.
+PARAM_GROUPS: tuple[str, ...] = ("stems", "imputer", "fusion", "encoder", "decoder", "classifier", "task_weighting")
+
+#: Name of the segmentation term among the loss terms (beside one term per task).
+SEG_TERM = "seg"

@@ -1,0 +1,1 @@
+"""The site data layer: discovery and validation of a site folder, transforms, datasets."""

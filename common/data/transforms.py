@@ -1,0 +1,169 @@
+"""MONAI dictionary transforms from a case's file paths to the network's fixed-size input.
+
+Input dict (built by :mod:`common.data.dataset` from a :class:`common.data.site.CaseRecord`): one key per
+*available* sequence (``"t1"``, ``"t1ce"``, ``"t2"``, ``"flair"``) and optionally ``"seg"``, each a
+NIfTI path, plus ``"labels"`` (len(TASKS),) and ``"index"``.
+
+Output dict (exactly these keys):
+
+* ``image``     float32 (4, S, S, S), channels in SEQUENCES order, missing sequences all zeros,
+  z-scored over the non-zero (brain) voxels of each channel
+* ``available`` bool (4,)
+* ``seg``       int64 (1, S, S, S), values in {0, 1, 2, 3} (legacy 4 -> 3); zeros when absent
+* ``has_seg``   bool ()
+* ``labels``    int64 (len(TASKS),), UNKNOWN_LABEL where unknown
+* ``spacing``   float32 (3,), voxel size in mm of the S^3 network grid (for HD95 in mm)
+* ``index``     int64 ()
+
+Pipeline: load (nibabel) -> channel first -> stack into 4 channels -> 4 -> 3 -> RAS -> crop to the
+union foreground of the available sequences -> resize the longest side to S keeping the aspect
+ratio (images trilinear with anti-aliasing, the label map nearest) -> pad to S^3 -> z-score ->
+[train: flips, intensity scale/shift] -> record spacing -> types.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.image_reader import NibabelReader
+from monai.data.utils import affine_to_spacing
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapLabelValued,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandStdShiftIntensityd,
+    Resized,
+    ResizeWithPadOrCropd,
+    SelectItemsd,
+)
+
+from common.contract import ET, LEGACY_ET, SEQUENCES
+
+IMAGE, SEG, AVAILABLE, HAS_SEG, LABELS, SPACING, INDEX = (
+    "image", "seg", "available", "has_seg", "labels", "spacing", "index",
+)
+#: The keys of every item and batch, in a fixed order.
+ITEM_KEYS: tuple[str, ...] = (IMAGE, AVAILABLE, SEG, HAS_SEG, LABELS, SPACING, INDEX)
+
+
+def nonzero(x: torch.Tensor) -> torch.Tensor:
+    """Foreground = any voxel that is not exactly 0 (BraTS background is 0, and 0 is also what
+    NormalizeIntensityd(nonzero=True) treats as background). A module-level function so the
+    pipeline stays picklable for DataLoader workers."""
+    return x != 0
+
+
+class StackSequencesd(MapTransform):
+    """Stack the available sequences into one fixed 4-channel image and record availability.
+
+    Reads the per-sequence keys present in the dict (each a (1, X, Y, Z) MetaTensor on one shared
+    grid), writes ``image`` (4, X, Y, Z) in SEQUENCES order with all-zero channels for missing
+    sequences, ``available`` bool (4,), ``has_seg`` and, when the case has no segmentation, an
+    all-zero ``seg`` (1, X, Y, Z) on the same grid; the per-sequence keys are removed.
+
+    Written here because MONAI's ConcatItemsd needs every key present: it cannot zero-fill a
+    missing sequence nor say which channels are real.
+    """
+
+    def __init__(self, sequences: tuple[str, ...] = SEQUENCES, seg_key: str = SEG) -> None:
+        super().__init__(keys=sequences, allow_missing_keys=True)
+        self.sequences = sequences
+        self.seg_key = seg_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        present = [s for s in self.sequences if s in d]
+        if not present:
+            raise ValueError(f"case has none of the sequences {self.sequences}; keys: {sorted(map(str, d))}")
+        ref = d[present[0]]
+        if not isinstance(ref, MetaTensor):  # spatial transforms below need the affine
+            raise TypeError(f"{present[0]!r} must be a MetaTensor (load it with LoadImaged), got {type(ref)}")
+        zeros = torch.zeros_like(ref.as_tensor())
+        channels = [d.pop(s).as_tensor() if s in present else zeros for s in self.sequences]
+        d[IMAGE] = MetaTensor(torch.cat(channels, dim=0))
+        d[IMAGE].copy_meta_from(ref)  # affine and source metadata of the shared grid
+        d[AVAILABLE] = torch.tensor([s in present for s in self.sequences], dtype=torch.bool)
+        d[HAS_SEG] = torch.tensor(self.seg_key in d, dtype=torch.bool)
+        if self.seg_key not in d:
+            d[self.seg_key] = MetaTensor(zeros.clone())
+            d[self.seg_key].copy_meta_from(ref)
+        return d
+
+
+class RecordSpacingd(MapTransform):
+    """Store the voxel spacing (mm) of ``image``'s current grid as ``spacing`` float32 (3,).
+
+    Written here because MONAI keeps the spacing only inside the image's affine (which
+    Resized/Orientationd update) and collation drops it once the image is a plain tensor; HD95
+    in mm needs it per case.
+    """
+
+    def __init__(self, key: str = IMAGE, spacing_key: str = SPACING) -> None:
+        super().__init__(keys=key)
+        self.key = key
+        self.spacing_key = spacing_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        affine = d[self.key].affine
+        d[self.spacing_key] = torch.as_tensor(
+            np.asarray(affine_to_spacing(affine, r=3), dtype=np.float32), dtype=torch.float32
+        )
+        return d
+
+
+def build_transforms(size: int, train: bool) -> Compose:
+    """Path dict -> network item (see the module docstring for the exact output keys).
+
+    Args:
+        size: cubic output size S in voxels.
+        train: add light augmentation applied identically to image and segmentation: random flips
+            over each axis, per-channel intensity scaling, and per-channel intensity shift of the
+            non-zero voxels only.
+    """
+    if size < 1:
+        raise ValueError(f"size must be a positive number of voxels, got {size}")
+    files = (*SEQUENCES, SEG)
+    spatial = (IMAGE, SEG)
+    steps: list[Any] = [
+        LoadImaged(keys=files, reader=NibabelReader, image_only=True, allow_missing_keys=True),
+        EnsureChannelFirstd(keys=files, channel_dim="no_channel", allow_missing_keys=True),
+        StackSequencesd(),
+        MapLabelValued(keys=SEG, orig_labels=[LEGACY_ET], target_labels=[ET]),
+        Orientationd(keys=spatial, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        CropForegroundd(keys=spatial, source_key=IMAGE, select_fn=nonzero, allow_smaller=True,
+                        start_coord_key=None, end_coord_key=None),
+        # Longest side -> size with the voxel aspect ratio kept (anatomy is not stretched). A label map is
+        # only ever resampled with nearest neighbour.
+        Resized(keys=spatial, spatial_size=size, size_mode="longest", mode=("trilinear", "nearest"),
+                align_corners=(False, None), anti_aliasing=(True, False)),
+        ResizeWithPadOrCropd(keys=spatial, spatial_size=(size, size, size)),
+        NormalizeIntensityd(keys=IMAGE, nonzero=True, channel_wise=True),
+    ]
+    if train:
+        steps += [RandFlipd(keys=spatial, prob=0.5, spatial_axis=axis) for axis in range(3)]
+        steps += [
+            RandScaleIntensityd(keys=IMAGE, factors=0.1, prob=0.5, channel_wise=True),
+            # Shift only non-zero voxels (by a fraction of their std, ~1 after z-scoring):
+            # RandShiftIntensityd would shift the zero-filled channels of missing sequences and
+            # the background too, breaking the "missing = zeros" contract.
+            RandStdShiftIntensityd(keys=IMAGE, factors=0.1, prob=0.5, nonzero=True, channel_wise=True),
+        ]
+    steps += [
+        RecordSpacingd(),
+        EnsureTyped(keys=(IMAGE, SEG, LABELS, INDEX), dtype=(torch.float32, torch.int64, torch.int64, torch.int64),
+                    track_meta=False),
+        SelectItemsd(keys=ITEM_KEYS),
+    ]
+    return Compose(steps)

@@ -1,0 +1,1 @@
+"""Metrics, the evaluation loop and MC-dropout uncertainty."""

@@ -1,0 +1,101 @@
+"""Score a model on a loader: the one evaluation loop used by the server (held-out center), the
+sites (validation split), the baselines and ``fedglioma evaluate``.
+
+Returns only aggregate scalars (:data:`common.contract.METRIC_KEYS`, plus ``unc_<task>`` with
+MC-dropout); nothing per case leaves this function.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from common.contract import SEQUENCES, TASKS
+from common.evaluation.metrics import MetricAccumulator
+from common.evaluation.uncertainty import mc_dropout_predict
+from common.runtime import move_batch
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device | str = "cpu",
+    *,
+    mc_passes: int = 0,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Segmentation and classification metrics of ``model`` over every batch of ``loader``.
+
+    Args:
+        model: ``model(image (B, 4, S, S, S), available (B, 4) bool)`` returning an object with
+            ``seg_logits`` (B, 4, S, S, S) and ``cls_logits`` ``{task: (B, 2)}``. It is moved to
+            ``device`` and put in eval mode; every module's train/eval flag is restored afterwards.
+        loader: batches (dicts) with ``image``, ``available``, ``seg`` (B, 1, S, S, S) int64,
+            ``has_seg`` (B,), ``labels`` (B, 4) int64 (-1 unknown) and ``spacing`` (B, 3) mm.
+            Any iterable of such dicts works (a DataLoader or a plain list).
+        mc_passes: 0 = deterministic softmax probabilities; T >= 2 = the mean of T MC-dropout
+            passes, and ``unc_<task>`` (mean over cases of the positive-class probability's
+            standard deviation, the epistemic uncertainty) is added to the result.
+        progress: show a tqdm bar named ``desc``.
+
+    Returns:
+        ``{key: float}`` with every key of ``METRIC_KEYS`` (NaN where undefined), in that order.
+    """
+    if mc_passes < 0 or mc_passes == 1:
+        raise ValueError(f"mc_passes must be 0 (deterministic) or >= 2 MC-dropout passes, got {mc_passes}")
+    device = torch.device(device)
+    accumulator = MetricAccumulator()
+    uncertainty_sums = {task: 0.0 for task in TASKS}
+    # Per-module flags, not model.training: a frozen sub-module may be kept in eval mode on purpose.
+    modes = {module: module.training for module in model.modules()}
+    model.to(device).eval()
+    if progress:
+        loader = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = move_batch(batch, device)
+                output = model(batch["image"], batch["available"])
+                # Segmentation always from the deterministic pass: BraTS scores a hard label map.
+                seg_pred = output.seg_logits.argmax(dim=1, keepdim=True)
+                if mc_passes:
+                    probs, spread = mc_dropout_predict(model, batch["image"], batch["available"], mc_passes)
+                    for task in TASKS:
+                        uncertainty_sums[task] += float(spread[task][:, 1].sum())
+                else:
+                    probs = {task: torch.softmax(logits.float(), dim=-1) for task, logits in output.cls_logits.items()}
+                accumulator.add(seg_pred, batch["seg"], batch["has_seg"], batch["spacing"], probs, batch["labels"])
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    metrics = accumulator.compute()
+    if mc_passes:
+        n = max(accumulator.n_cases, 1)
+        metrics.update({f"unc_{task}": uncertainty_sums[task] / n for task in TASKS})
+    return metrics
+
+
+def drop_sequences(
+    loader: Iterable[Mapping[str, torch.Tensor]], drop: Iterable[str]
+) -> Iterable[dict[str, torch.Tensor]]:
+    """The batches of ``loader`` as if the sequences named in ``drop`` had not been acquired:
+    their channels zero-filled and their availability flag off (what the data layer does for a
+    sequence that is really missing). Used to measure robustness to missing sequences."""
+    drop = list(drop)
+    unknown = sorted(set(drop) - set(SEQUENCES))
+    if unknown:
+        raise ValueError(f"unknown sequence(s) {unknown}; expected names from {SEQUENCES}")
+    columns = [SEQUENCES.index(name) for name in drop]
+    for batch in loader:
+        batch = dict(batch)
+        if columns:
+            image = batch["image"].clone()
+            available = batch["available"].clone()
+            image[:, columns] = 0.0
+            available[:, columns] = False
+            batch["image"], batch["available"] = image, available
+        yield batch

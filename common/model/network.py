@@ -1,0 +1,465 @@
+"""The multi-task glioma network: per-sequence stems, fusion, CNN-Transformer encoder, heads.
+
+Data flow for a batch of B cases, S sequences, cubic volumes of side N (``img_size``)::
+
+    image (B, S, N, N, N) --stems--> (B, S, Cs, N, N, N)   one shallow encoder per sequence,
+                                                             zeroed where a sequence is missing
+      [imputer]            -> missing sequences' features generated (GMENet CGGM), optional
+      fusion               -> (B, Cs, N, N, N)               GMMAS eq. 1 or GMENet DWEFM
+      encoder              -> F1..F4 at 1, 1/2, 1/4, 1/8 with b, 2b, 4b, 8b channels (residual
+                              conv stages, stride-2 convs), then F5 = transformer over the
+                              (N/8)^3 tokens of a 3x3x3 projection of F4 to d_model (MTTU-Net)
+      decoder              -> seg logits (B, K, N, N, N)     MTTU-Net up path, skips F3, F2, F1
+      classifier           -> {task: (B, 2)}                 GAP+GMP of F3 and F5, MLP, one head
+                                                             per task; nn.Dropout for MC-dropout
+      task_weighting       -> learned log-variances (used by client.losses.MultiTaskLoss)
+
+Normalisation is instance norm with affine parameters throughout: batch statistics would be
+unreliable with the batch sizes of 3D MRI (1-2), and running-stat buffers average poorly across
+sites in federated learning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.blocks.segresnet_block import ResBlock
+from torch import nn
+
+from common.config import FUSIONS, ModelConfig, choice_error
+from common.contract import PARAM_GROUPS, SEG_TERM, SEQUENCES, TASKS
+from common.model.fusion import build_fusion
+from common.model.imputation import CrossSequenceImputer
+from common.model.task_weighting import UncertaintyWeighting
+
+SPATIAL_DIMS = 3
+#: Instance norm with learnable affine (see module docstring) and MTTU-Net's Leaky ReLU.
+NORM: tuple = ("instance", {"affine": True})
+ACT: tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+#: Width of each task head's hidden layer (MTTU-Net's classifier is FC 512-32-2).
+HEAD_HIDDEN = 32
+#: The encoder downsamples three times: the transformer works at 1/8 resolution.
+DOWNSAMPLING = 8
+
+
+@dataclass
+class GliomaOutput:
+    """What the network returns.
+
+    Attributes:
+        seg_logits: (B, K, D, H, W) segmentation logits (K = 4: background, NCR, ED, ET).
+        cls_logits: {task: (B, 2)} classification logits, class order of ``TASK_CLASSES``.
+        aux: extra tensors, e.g. ``imputation_gate`` when the imputer is on.
+    """
+
+    seg_logits: torch.Tensor
+    cls_logits: dict[str, torch.Tensor]
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class EncoderFeatures:
+    """``levels``: F1..F4, (B, b * 2^i, N / 2^i, ...) for i = 0..3. ``bottleneck``: F5, the
+    transformer output (B, d_model, N/8, N/8, N/8)."""
+
+    levels: list[torch.Tensor]
+    bottleneck: torch.Tensor
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int = 3, strides: int = 1) -> Convolution:
+    """Conv -> instance norm -> Leaky ReLU."""
+    return Convolution(
+        SPATIAL_DIMS, in_channels, out_channels, strides=strides, kernel_size=kernel_size, act=ACT, norm=NORM
+    )
+
+
+def _stage(in_channels: int, out_channels: int, strides: int) -> nn.Sequential:
+    """One encoder level: (strided) 3x3x3 conv then a pre-activation residual block (MTTU-Net)."""
+    return nn.Sequential(
+        _conv(in_channels, out_channels, strides=strides),
+        ResBlock(SPATIAL_DIMS, out_channels, norm=NORM, act=ACT),
+    )
+
+
+class CNNTransformerEncoder(nn.Module):
+    """MTTU-Net hybrid encoder: residual conv stages, then transformer layers at 1/8 resolution.
+
+    Args:
+        in_channels: channels of the fused input map.
+        base_channels: channels of level 1 (doubled per level: b, 2b, 4b, 8b).
+        d_model: transformer width (a 3x3x3 conv projects 8b -> d_model).
+        transformer_layers: number of pre-norm GELU transformer encoder layers.
+        heads: attention heads.
+        img_size: input side N; the learnable position embedding covers (N/8)^3 tokens.
+        feature_dropout: channel dropout on the transformer output (feature perturbation).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        base_channels: int,
+        d_model: int,
+        transformer_layers: int,
+        heads: int,
+        img_size: int,
+        feature_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        widths = [base_channels * 2**i for i in range(4)]
+        self.widths = tuple(widths)
+        self.levels = nn.ModuleList(
+            [_stage(in_channels, widths[0], strides=1)]
+            + [_stage(widths[i - 1], widths[i], strides=2) for i in range(1, 4)]
+        )
+        self.grid = img_size // DOWNSAMPLING
+        self.projection = nn.Conv3d(widths[-1], d_model, kernel_size=3, padding=1)
+        self.position = nn.Parameter(torch.zeros(1, self.grid**3, d_model))
+        nn.init.trunc_normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            d_model,
+            heads,
+            dim_feedforward=4 * d_model,
+            dropout=0.0,  # dropout lives in the classifier (MC-dropout); see ModelConfig.dropout
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        # Pre-norm layers need a final LayerNorm; nested tensors do not apply to norm_first.
+        self.transformer = nn.TransformerEncoder(
+            layer, transformer_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False
+        )
+        self.feature_dropout = nn.Dropout3d(feature_dropout) if feature_dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> EncoderFeatures:
+        """``x`` (B, C_in, N, N, N) -> :class:`EncoderFeatures`."""
+        levels = []
+        for stage in self.levels:
+            x = stage(x)
+            levels.append(x)
+        tokens = self.projection(x)  # (B, d, g, g, g)
+        b, d, g1, g2, g3 = tokens.shape
+        tokens = tokens.flatten(2).transpose(1, 2) + self.position  # (B, g^3, d)
+        tokens = self.transformer(tokens)
+        bottleneck = tokens.transpose(1, 2).reshape(b, d, g1, g2, g3)
+        return EncoderFeatures(levels=levels, bottleneck=self.feature_dropout(bottleneck))
+
+
+class UpBlock(nn.Module):
+    """MTTU-Net decoder step: 1x1x1 conv (in -> out), transposed conv stride 2, concatenation with
+    the skip, 1x1x1 conv (out + skip -> out), 3x3x3 residual block."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.reduce = _conv(in_channels, out_channels, kernel_size=1)
+        # Kernel 2, stride 2 (as UNETR's up blocks): exact 2x, no overlapping taps.
+        self.upsample = Convolution(
+            SPATIAL_DIMS,
+            out_channels,
+            out_channels,
+            strides=2,
+            kernel_size=2,
+            act=ACT,
+            norm=NORM,
+            is_transposed=True,
+            padding=0,
+            output_padding=0,
+        )
+        self.merge = _conv(out_channels + skip_channels, out_channels, kernel_size=1)
+        self.refine = ResBlock(SPATIAL_DIMS, out_channels, norm=NORM, act=ACT)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C_in, n, n, n), ``skip`` (B, C_skip, 2n, 2n, 2n) -> (B, C_out, 2n, 2n, 2n)."""
+        x = self.upsample(self.reduce(x))
+        return self.refine(self.merge(torch.cat([x, skip], dim=1)))
+
+
+class SegmentationDecoder(nn.Module):
+    """Up path from F5 (1/8) to full resolution with skips F3, F2, F1, then 1x1x1 conv to K logits."""
+
+    def __init__(self, widths: Sequence[int], d_model: int, num_classes: int) -> None:
+        super().__init__()
+        b1, b2, b4, _ = widths
+        self.ups = nn.ModuleList([UpBlock(d_model, b4, b4), UpBlock(b4, b2, b2), UpBlock(b2, b1, b1)])
+        self.head = Convolution(SPATIAL_DIMS, b1, num_classes, kernel_size=1, conv_only=True)
+
+    def forward(self, features: EncoderFeatures) -> torch.Tensor:
+        """-> (B, K, N, N, N) logits."""
+        x = features.bottleneck
+        for up, skip in zip(self.ups, reversed(features.levels[:3])):
+            x = up(x, skip)
+        return self.head(x)
+
+
+class MultiScaleClassifier(nn.Module):
+    """MTTU-Net multi-scale classifier: ``concat(GAP(F), GMP(F))`` of several feature maps,
+    dropout, a shared MLP trunk, then one small head per task (``heads.<task>`` -> (B, 2)).
+    MC-dropout (``common.evaluation.uncertainty.mc_dropout``) switches these ``nn.Dropout`` layers on.
+
+    Args:
+        in_channels: channels of each pooled feature map.
+        hidden: trunk width.
+        tasks: task names (one head each).
+        dropout: dropout probability (``nn.Dropout``, so MC-dropout can switch it on).
+    """
+
+    def __init__(self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float) -> None:
+        super().__init__()
+        pooled = 2 * sum(in_channels)  # GAP + GMP of every map
+        self.trunk = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(pooled, hidden),
+            nn.LeakyReLU(0.01),
+            nn.Dropout(dropout),
+        )
+        self.heads = nn.ModuleDict(
+            {
+                task: nn.Sequential(nn.Linear(hidden, HEAD_HIDDEN), nn.LeakyReLU(0.01), nn.Linear(HEAD_HIDDEN, 2))
+                for task in tasks
+            }
+        )
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``maps``: feature maps (B, C_i, ...) -> {task: (B, 2) logits}."""
+        pooled = []
+        for m in maps:
+            pooled.append(F.adaptive_avg_pool3d(m, 1).flatten(1))
+            pooled.append(F.adaptive_max_pool3d(m, 1).flatten(1))
+        shared = self.trunk(torch.cat(pooled, dim=1))
+        return {task: head(shared) for task, head in self.heads.items()}
+
+
+def _check_args(
+    img_size: int,
+    in_sequences: int,
+    channels: dict[str, int],
+    d_model: int,
+    heads: int,
+    dropouts: dict[str, float],
+    fusion: str,
+    tasks: Sequence[str],
+) -> None:
+    """Fail fast, naming the argument, its value and the fix."""
+    if img_size < 2 * DOWNSAMPLING or img_size % DOWNSAMPLING:
+        raise ValueError(
+            f"img_size={img_size} must be a multiple of {DOWNSAMPLING} and at least {2 * DOWNSAMPLING} "
+            "(three stride-2 stages, and instance norm needs more than one voxel at 1/8): "
+            "set data.size to e.g. 32, 64 or 128"
+        )
+    if in_sequences < 1:
+        raise ValueError(f"in_sequences={in_sequences} must be >= 1")
+    for name, value in channels.items():
+        if value < 1:
+            raise ValueError(f"{name}={value} must be a positive number of channels")
+    if heads < 1 or d_model % heads:
+        raise ValueError(
+            f"d_model={d_model} must be divisible by heads={heads}: choose e.g. heads={_divisor_hint(d_model, heads)}"
+        )
+    for name, value in dropouts.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name}={value} must be in [0, 1)")
+    if fusion not in FUSIONS:
+        raise choice_error("fusion (model.fusion)", fusion, FUSIONS)
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be a non-empty list of distinct names, got {tuple(tasks)}")
+    for task in tasks:
+        if task not in TASKS:
+            raise choice_error("task", task, TASKS)
+
+
+def _divisor_hint(d_model: int, heads: int) -> int:
+    """The divisor of ``d_model`` closest to ``heads`` (for the error message)."""
+    divisors = [h for h in range(1, d_model + 1) if d_model % h == 0]
+    return min(divisors, key=lambda h: (abs(h - heads), h))
+
+
+class MultiTaskGliomaNet(nn.Module):
+    """Segmentation + molecular-marker classification from any non-empty subset of sequences.
+
+    Top-level attributes are the parameter groups of ``common.contract.PARAM_GROUPS`` (strategies
+    and freezing select parameters by these name prefixes): ``stems``, ``imputer`` (only when
+    ``imputation=True``), ``fusion``, ``encoder``, ``decoder``, ``classifier``, ``task_weighting``.
+
+    Args:
+        img_size: side N of the cubic input (multiple of 8, >= 16).
+        in_sequences: number of input sequences S (``SEQUENCES`` order).
+        stem_channels: channels of each per-sequence stem.
+        base_channels: channels of encoder level 1 (b, 2b, 4b, 8b at 1, 1/2, 1/4, 1/8).
+        d_model: transformer width.
+        transformer_layers: number of transformer encoder layers.
+        heads: attention heads (must divide ``d_model``).
+        dropout: classifier dropout (also the MC-dropout rate).
+        feature_dropout: channel dropout on the transformer output.
+        fusion: "weighted" (GMMAS eq. 1) or "experts" (GMENet DWEFM).
+        imputation: add the generative imputer (GMENet CGGM) for missing sequences.
+        classifier_hidden: width of the classifier's shared trunk.
+        num_seg_classes: segmentation classes K (background, NCR, ED, ET).
+        tasks: classification tasks, one head each.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        in_sequences: int = len(SEQUENCES),
+        stem_channels: int = 8,
+        base_channels: int = 16,
+        d_model: int = 64,
+        transformer_layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.2,
+        feature_dropout: float = 0.0,
+        fusion: str = "weighted",
+        imputation: bool = False,
+        classifier_hidden: int = 64,
+        num_seg_classes: int = 4,
+        tasks: Sequence[str] = TASKS,
+    ) -> None:
+        super().__init__()
+        tasks = tuple(tasks)
+        _check_args(
+            img_size,
+            in_sequences,
+            {
+                "stem_channels": stem_channels,
+                "base_channels": base_channels,
+                "d_model": d_model,
+                "transformer_layers": transformer_layers,
+                "classifier_hidden": classifier_hidden,
+                "num_seg_classes": num_seg_classes,
+            },
+            d_model,
+            heads,
+            {"dropout": dropout, "feature_dropout": feature_dropout},
+            fusion,
+            tasks,
+        )
+        self.img_size = img_size
+        self.in_sequences = in_sequences
+        self.stem_channels = stem_channels
+        self.tasks = tasks
+        self.imputation = imputation
+
+        self.stems = nn.ModuleList([_conv(1, stem_channels) for _ in range(in_sequences)])
+        if imputation:
+            self.imputer = CrossSequenceImputer(channels=stem_channels, num_sequences=in_sequences)
+        self.fusion = build_fusion(fusion, channels=stem_channels, num_sequences=in_sequences)
+        self.encoder = CNNTransformerEncoder(
+            stem_channels, base_channels, d_model, transformer_layers, heads, img_size, feature_dropout
+        )
+        widths = self.encoder.widths
+        self.decoder = SegmentationDecoder(widths, d_model, num_seg_classes)
+        # MTTU-Net pools levels 4 and 5; here the 1/4 level (F3) and the transformer output (F5),
+        # so that the two pooled scales really differ (F4 and F5 share the 1/8 grid).
+        self.classifier = MultiScaleClassifier([widths[2], d_model], classifier_hidden, tasks, dropout)
+        self.task_weighting = UncertaintyWeighting((SEG_TERM, *tasks))
+
+    # ---------------------------------------------------------------- checks
+    def _check_inputs(self, image: torch.Tensor, available: torch.Tensor) -> None:
+        n, s = self.img_size, self.in_sequences
+        if image.ndim != 5 or tuple(image.shape[1:]) != (s, n, n, n):
+            raise ValueError(
+                f"image must be (B, {s}, {n}, {n}, {n}) for this model (img_size={n}), got "
+                f"{tuple(image.shape)}: resize/crop cases to data.size={n} or build the model for this size"
+            )
+        if available.shape != (image.shape[0], s):
+            raise ValueError(f"available must be (B, {s}) bool, got {tuple(available.shape)}")
+
+    # --------------------------------------------------------------- forward
+    def encode_sequences(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """Per-sequence stem features, before imputation.
+
+        Args:
+            image: (B, S, N, N, N) intensities; missing sequences may hold anything (zeros).
+            available: (B, S) bool.
+
+        Returns:
+            (B, S, C_stem, N, N, N); exactly zero for missing sequences.
+        """
+        self._check_inputs(image, available)
+        available = available.bool()
+        b = image.shape[0]
+        features: torch.Tensor | None = None
+        for s, stem in enumerate(self.stems):
+            cases = torch.nonzero(available[:, s]).flatten()
+            if cases.numel() == 0:
+                continue  # nobody in the batch has this sequence: its slot stays zero
+            # Only the cases that have the sequence go through its stem (instance norm is per case,
+            # so this equals running all and zeroing, for less work).
+            out = stem(image[cases, s : s + 1])
+            if features is None:
+                features = out.new_zeros((b, self.in_sequences, *out.shape[1:]))
+            features[cases, s] = out
+        if features is None:
+            raise ValueError("no case in the batch has any available sequence")
+        return features
+
+    def forward_from_sequence_features(self, features: torch.Tensor, available: torch.Tensor) -> GliomaOutput:
+        """Everything after the stems: [imputation], fusion, encoder and heads.
+
+        Args:
+            features: (B, S, C_stem, N, N, N) stem features, zero where missing
+                (as from :meth:`encode_sequences`).
+            available: (B, S) bool.
+        """
+        available = available.bool()
+        aux: dict[str, torch.Tensor] = {}
+        if self.imputation:
+            imputed = self.imputer(features, available)
+            features = imputed.features
+            aux["imputation_gate"] = imputed.gate
+            # After imputation every sequence has features, so all of them take part in fusion.
+            available = torch.ones_like(available)
+        fused = self.fusion(features, available)
+        encoded = self.encoder(fused)
+        return GliomaOutput(
+            seg_logits=self.decoder(encoded),
+            cls_logits=self.classifier([encoded.levels[2], encoded.bottleneck]),
+            aux=aux,
+        )
+
+    def forward(self, image: torch.Tensor, available: torch.Tensor) -> GliomaOutput:
+        """``image`` (B, S, N, N, N) float, ``available`` (B, S) bool -> :class:`GliomaOutput`."""
+        return self.forward_from_sequence_features(self.encode_sequences(image, available), available)
+
+    # ------------------------------------------------------------ parameters
+    def param_groups(self) -> dict[str, list[str]]:
+        """{group: parameter names} for each group of ``PARAM_GROUPS`` that this model has."""
+        groups: dict[str, list[str]] = {}
+        for name, _ in self.named_parameters():
+            group = name.split(".", 1)[0]
+            if group in PARAM_GROUPS:
+                groups.setdefault(group, []).append(name)
+        return {g: groups[g] for g in PARAM_GROUPS if g in groups}
+
+
+def build_model(cfg: ModelConfig, img_size: int, *, seed: int | None = None) -> MultiTaskGliomaNet:
+    """The network for the ``model`` config section and input side ``img_size`` (``data.size``).
+
+    With ``seed`` the initial weights depend only on it (torch's global generator is left as it
+    was): the same config and seed give the same initial global model on every run.
+    """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(cfg, img_size)
+    if cfg.survival_head:
+        raise ValueError(
+            "model.survival_head=true is not supported by MultiTaskGliomaNet (no survival head is "
+            "implemented); set model.survival_head=false"
+        )
+    return MultiTaskGliomaNet(
+        img_size=img_size,
+        stem_channels=cfg.stem_channels,
+        base_channels=cfg.base_channels,
+        d_model=cfg.d_model,
+        transformer_layers=cfg.transformer_layers,
+        heads=cfg.heads,
+        dropout=cfg.dropout,
+        feature_dropout=cfg.feature_dropout,
+        fusion=cfg.fusion,
+        imputation=cfg.imputation,
+        classifier_hidden=cfg.classifier_hidden,
+    )

@@ -1,0 +1,647 @@
+"""A real Flower deployment on this machine: one TLS SuperLink with SuperNode authentication and
+one SuperNode per site, all on loopback, driven through Flower's own executables and CLI.
+
+Used by ``fedglioma demo`` and the integration tests. Every process runs in its own process group
+with its log in ``<workdir>/logs/<name>.log``; :class:`LocalFederation` is a context manager that
+stops everything it started on exit (also on exceptions and Ctrl-C). Layout of ``workdir``::
+
+    flwr-home/config.toml       the `flwr` CLI's connection (FLWR_HOME), named ``fedglioma-local``
+    superlink/state.db          SuperLink state (SQLite; runs and registered nodes survive restarts)
+    superlink/nodes.json        site -> node id of the keys this launcher registered
+    supernodes/<site>/          working directory of each SuperNode
+    run-configs/run-*.toml      the run-config overrides passed to each ``flwr run``
+    logs/<name>.log             stdout+stderr of superlink, supernode-<site>
+
+Flower 1.41 facts this relies on (checked with ``--help`` and on loopback): the SuperLink serves
+Fleet, Control and Runtime APIs on one HTTPS port and answers ``GET /health``; it starts
+``flower-superexec`` from ``PATH`` (so the venv's ``bin`` must be on it); ``flwr run`` exits 0 even
+when the run fails, so the final status comes from ``flwr ls``; ``flwr supernode register`` exits 0
+even when registration fails, so its JSON output is checked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import tomli_w
+
+from deploy.certs import Credentials
+from server.errors import FederationError
+
+CONNECTION = "fedglioma-local"
+Scalar = bool | int | float | str
+
+#: environment of every Flower process: no telemetry or update checks, and never `uv sync` app
+#: dependencies at run time (the app runs in this venv; a sync would need network access)
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def flower_bin(name: str) -> Path:
+    """A Flower executable from the venv of the running interpreter (not whatever is on PATH)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FederationError(f"{path} not found: install flwr into the environment of {sys.executable}")
+    return path
+
+
+def free_port(host: str = "127.0.0.1", exclude: set[int] | frozenset[int] = frozenset()) -> int:
+    """A TCP port nobody listens on right now (the OS picks; ``exclude`` skips ones handed out
+    already but not bound yet)."""
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in exclude:
+            return port
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string, escaped so Flower's ``key=value`` parser reads it back."""
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError(f"config value {value!r} contains control characters (newline, tab, ...); remove them")
+    if '"' in value:
+        # Flower splits `--node-config` with the regex "[^"]*", so a double quote cannot be escaped
+        if "'" in value:
+            raise ValueError(f"config value {value!r} contains both ' and \"; Flower's --node-config cannot express it")
+        return f"'{value}'"  # TOML literal string: no escapes, no double quotes needed
+    return '"' + value.replace("\\", "\\\\") + '"'
+
+
+def format_config(config: Mapping[str, Scalar]) -> str:
+    """``{"data-path": "/a b", "partition-id": 0}`` -> ``data-path="/a b" partition-id=0``, the
+    space-separated TOML ``key=value`` form of ``--node-config`` / ``--run-config``."""
+    parts = []
+    for key, value in config.items():
+        if not _CONFIG_KEY.match(key):
+            raise ValueError(f"config key {key!r}: use letters, digits, '_', '-' and '.' only")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value) if value == value else "nan"  # repr gives TOML-valid 1e-05, inf
+        elif isinstance(value, str):
+            text = toml_string(value)
+        else:
+            raise TypeError(f"config value for {key!r} is a {type(value).__name__}; Flower accepts bool/int/float/str")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return f"(no log at {path})"
+    text = _strip_ansi(path.read_text(errors="replace")).rstrip().splitlines()
+    return "\n".join(text[-lines:])
+
+
+def _parse_json_output(stdout: str) -> dict[str, Any]:
+    """The JSON object a ``flwr ... --format json`` call printed (anything before it skipped)."""
+    start = stdout.find("{")
+    if start < 0:
+        raise ValueError("no JSON object in the output")
+    return json.loads(stdout[start:])
+
+
+# ---- process bookkeeping ------------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """``(state, parent pid, start time in clock ticks after boot)`` of ``pid`` from /proc, or
+    None when it does not exist. The start time tells a process from a later one reusing its id."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def descendant_processes(root: int) -> dict[int, int]:
+    """``{pid: start_time}`` of every live descendant of ``root`` (Linux /proc; empty elsewhere).
+
+    Flower starts ``flower-superexec`` in a new session, so it escapes the process group of the
+    SuperLink/SuperNode that spawned it; this finds it (and the app processes under it)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = proc_stat(int(entry.name))
+        if stat is not None and stat[0] != "Z":  # zombies are dead already, only not reaped
+            children.setdefault(stat[1], []).append((int(entry.name), stat[2]))
+    found: dict[int, int] = {}
+    stack = list(children.get(root, []))
+    while stack:
+        pid, start = stack.pop()
+        found[pid] = start
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    """Whether the process ``pid`` that started at ``start_time`` still runs (zombies count as gone)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z" and stat[2] == start_time
+
+
+def _die_with_parent() -> None:
+    """Child-side (preexec): ask Linux to SIGTERM this process when the launcher dies, so a killed
+    ``fedglioma demo`` leaves no SuperLink behind. Best effort: a no-op where prctl is missing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class ManagedProcess:
+    """One long-running Flower process this launcher started."""
+
+    name: str
+    command: list[str]
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+    descendants: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def log_tail(self, lines: int = 40) -> str:
+        self.log_file.flush()
+        return _tail(self.log_path, lines)
+
+
+# ---- the federation -----------------------------------------------------------------------------
+
+
+class LocalFederation:
+    """A TLS SuperLink with SuperNode authentication plus SuperNodes, all on loopback.
+
+    >>> creds = ensure_credentials(workdir / "certs", ["site-a", "site-b"])
+    >>> with LocalFederation(workdir, creds) as fed:
+    ...     fed.start_superlink()
+    ...     for site in ("site-a", "site-b"):
+    ...         fed.register_site(site, creds.site_public_key(site))
+    ...         fed.start_supernode(site, creds.site_private_key(site), {"data-path": f"/data/{site}"})
+    ...     status = fed.wait(fed.run(app_dir, {"federation.rounds": 2}), timeout_s=600)
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        credentials: Credentials,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        connection: str = CONNECTION,
+        stop_timeout_s: float = 15.0,
+    ) -> None:
+        self.workdir = Path(workdir).expanduser().resolve()
+        self.credentials = credentials
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.connection = connection
+        self.stop_timeout_s = stop_timeout_s
+        self.flwr_home = self.workdir / "flwr-home"
+        self.log_dir = self.workdir / "logs"
+        self.superlink: ManagedProcess | None = None
+        self.supernodes: dict[str, ManagedProcess] = {}
+        self._started: list[ManagedProcess] = []  # every process spawned, in start order
+        self._local_ports: set[int] = {self.port}
+        self._registry_path = self.workdir / "superlink" / "nodes.json"
+        for path in (credentials.ca_cert, credentials.server_cert, credentials.server_key):
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing; create the credentials with `fedglioma certs {credentials.directory}`")
+
+    # -- context manager --------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- addresses and environment ----------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """``host:port`` that SuperNodes and the CLI dial (a wildcard bind is dialled on loopback)."""
+        dial = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"[{dial}]:{self.port}" if ":" in dial else f"{dial}:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment of every Flower process and CLI call."""
+        env = dict(os.environ)
+        env.update(FLOWER_ENV)
+        env["FLWR_HOME"] = str(self.flwr_home)
+        # the SuperLink/SuperNode start `flower-superexec`, which start `flwr-serverapp`/`flwr-clientapp`,
+        # by name: this venv's bin must come first on PATH or they are not found (or the wrong ones are)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # the CLI's HTTP client honours proxy variables; loopback must never go through a proxy
+        no_proxy = [v for v in env.get("NO_PROXY", env.get("no_proxy", "")).split(",") if v]
+        env["NO_PROXY"] = env["no_proxy"] = ",".join([*no_proxy, "127.0.0.1", "localhost", "::1"])
+        return env
+
+    # -- processes --------------------------------------------------------------------------------
+
+    def spawn(
+        self, name: str, command: list[str], cwd: Path, extra_env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
+        """Start ``command`` in ``cwd`` as a managed process: its own process group, output in
+        ``logs/<name>.log``, this federation's environment plus ``extra_env``, stopped by
+        :meth:`stop`. (For what the ``start_*`` methods do not cover: a proxy, a deploy script.)"""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        cwd.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        if log_path.exists():  # keep the previous log (a crash's, say) one generation back
+            log_path.replace(log_path.with_name(f"{name}.log.1"))
+        log_file = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        log_file.write(f"$ {subprocess.list2cmdline(command)}\n".encode())
+        log_file.flush()
+        popen = subprocess.Popen(
+            command, cwd=cwd, env={**self.env, **(extra_env or {})}, stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT, start_new_session=True,  # own process group, no terminal signals
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        proc = ManagedProcess(name, command, popen, log_path, log_file)
+        self._started.append(proc)
+        return proc
+
+    def superlink_command(self) -> list[str]:
+        """The exact ``flower-superlink`` command line this launcher runs."""
+        c = self.credentials
+        return [
+            str(flower_bin("flower-superlink")),
+            "--ssl-ca-certfile", str(c.ca_cert),
+            "--ssl-certfile", str(c.server_cert),
+            "--ssl-keyfile", str(c.server_key),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--database", str(self.workdir / "superlink" / "state.db"),
+            "--host", self.host,
+            "--port", str(self.port),
+        ]
+
+    def start_superlink(
+        self,
+        timeout_s: float = 90.0,
+        *,
+        command: list[str] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start the SuperLink and wait until ``GET https://ADDRESS/health`` answers 200 over TLS
+        verified with the CA; write the ``flwr`` connection into ``$FLWR_HOME/config.toml``.
+
+        ``command`` replaces :meth:`superlink_command` (e.g. ``deploy/start-superlink.sh``); it
+        must serve :attr:`address` with the credentials' server certificate."""
+        if self.superlink is not None and self.superlink.returncode is None:
+            raise FederationError(f"the SuperLink of {self.workdir} is already running (port {self.port})")
+        if self.superlink is not None:
+            self.superlink.log_file.close()  # an earlier SuperLink that died (its log becomes .log.1)
+        self.superlink = self.spawn(
+            "superlink", command or self.superlink_command(), self.workdir / "superlink", extra_env
+        )
+        self._wait_healthy(self.superlink, timeout_s)
+        self.write_connection()
+
+    def _wait_healthy(self, proc: ManagedProcess, timeout_s: float) -> None:
+        url = f"https://{self.address}/health"
+        context = ssl.create_default_context(cafile=str(self.credentials.ca_cert))
+        opener = urllib.request.build_opener(  # no proxies: this is a loopback health check
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
+        deadline = time.monotonic() + timeout_s
+        last_error = "no answer yet"
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise FederationError(
+                    f"the SuperLink exited with code {proc.returncode} before it became healthy "
+                    f"(log {proc.log_path}):\n{proc.log_tail()}"
+                )
+            try:
+                with opener.open(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+                    last_error = f"HTTP {response.status}"
+            except (urllib.error.URLError, OSError) as err:
+                last_error = str(getattr(err, "reason", err))
+                if isinstance(getattr(err, "reason", None), ssl.SSLCertVerificationError):
+                    raise FederationError(
+                        f"the SuperLink's certificate does not verify against {self.credentials.ca_cert} "
+                        f"for {self.address}: {last_error}. Re-run `fedglioma certs` (it re-issues the "
+                        "certificate) or add the address with --san"
+                    ) from err
+            time.sleep(0.2)
+        raise FederationError(
+            f"the SuperLink did not answer {url} within {timeout_s:.0f} s (last error: {last_error}); "
+            f"log {proc.log_path}:\n{proc.log_tail()}"
+        )
+
+    def write_connection(self) -> Path:
+        """Write (or update) connection ``self.connection`` in ``$FLWR_HOME/config.toml`` and make it
+        the default; other connections in the file are kept."""
+        path = self.flwr_home / "config.toml"
+        config: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
+        superlink = config.setdefault("superlink", {})
+        superlink["default"] = self.connection
+        superlink[self.connection] = {
+            "address": self.address,
+            "root-certificates": str(self.credentials.ca_cert),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps(config))
+        return path
+
+    # -- CLI --------------------------------------------------------------------------------------
+
+    def flwr(self, *args: str, timeout_s: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``flwr ARGS`` with this federation's environment; raise with the output when it
+        exits non-zero (and ``check``)."""
+        command = [str(flower_bin("flwr")), *args]
+        try:
+            done = subprocess.run(
+                command, env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout_s,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as err:
+            raise FederationError(f"`{subprocess.list2cmdline(command)}` did not finish within {timeout_s:.0f} s") from err
+        if check and done.returncode != 0:
+            raise FederationError(
+                f"`{subprocess.list2cmdline(command)}` exited with code {done.returncode}:\n"
+                f"{_strip_ansi(done.stdout + done.stderr).strip()}"
+            )
+        return done
+
+    def _flwr_json(self, *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        """``flwr ARGS --format json``; the CLI exits 0 on most failures, so ``success`` is checked."""
+        done = self.flwr(*args, "--format", "json", timeout_s=timeout_s)
+        try:
+            reply = _parse_json_output(done.stdout)
+        except ValueError as err:
+            raise FederationError(f"`flwr {' '.join(args)}` printed no JSON: {_strip_ansi(done.stdout + done.stderr)}") from err
+        if not reply.get("success", False):
+            raise FederationError(f"`flwr {' '.join(args)}` failed: {reply.get('error-message', reply)}")
+        return reply
+
+    # -- nodes ------------------------------------------------------------------------------------
+
+    def _registry(self) -> dict[str, dict[str, Any]]:
+        return json.loads(self._registry_path.read_text()) if self._registry_path.exists() else {}
+
+    def register_site(self, site: str, public_key: Path) -> int:
+        """Register ``public_key`` (OpenSSH) under ``--name site``; returns the node id.
+
+        A key already registered in this workdir's persistent SuperLink database (a re-run) keeps
+        its node id, looked up in ``superlink/nodes.json``."""
+        public_key = Path(public_key).resolve()
+        key_body = public_key.read_text().split()[:2]
+        try:
+            reply = self._flwr_json("supernode", "register", str(public_key), self.connection, "--name", site)
+        except FederationError as err:
+            known = self._registry().get(site)
+            if "already in use" in str(err) and known and known["key"] == key_body:
+                return int(known["node_id"])
+            if "already in use" in str(err):
+                raise FederationError(
+                    f"the key {public_key} is registered already, but not by this launcher for site {site!r}; "
+                    f"unregister it (`flwr supernode list` / `flwr supernode unregister NODE_ID {self.connection}` "
+                    f"with FLWR_HOME={self.flwr_home}) or delete {self.workdir / 'superlink'}"
+                ) from err
+            raise
+        node_id = int(reply["node-id"])
+        registry = self._registry()
+        registry[site] = {"node_id": node_id, "key": key_body}
+        self._registry_path.write_text(json.dumps(registry, indent=2))
+        return node_id
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode list`` as dicts (``node-id`` (str), ``status`` registered/online/offline, ...)."""
+        return list(self._flwr_json("supernode", "list", self.connection)["nodes"])
+
+    def supernode_command(
+        self, private_key: Path, node_config: Mapping[str, Scalar], local_port: int
+    ) -> list[str]:
+        """The exact ``flower-supernode`` command line for one site."""
+        command = [
+            str(flower_bin("flower-supernode")),
+            "--superlink", self.address,
+            "--root-certificates", str(self.credentials.ca_cert),
+            "--auth-supernode-private-key", str(Path(private_key).resolve()),
+            "--port", str(local_port),
+        ]
+        if node_config:
+            command += ["--node-config", format_config(node_config)]
+        return command
+
+    def start_supernode(
+        self,
+        site: str,
+        private_key: Path,
+        node_config: Mapping[str, Scalar] | None = None,
+        local_port: int | None = None,
+    ) -> ManagedProcess:
+        """Start the SuperNode of ``site`` (does not wait for it to connect; see
+        :meth:`wait_for_nodes`). Each SuperNode gets its own free local Runtime API port."""
+        if self.superlink is None:
+            raise FederationError("start_superlink() first: a SuperNode needs the SuperLink's address")
+        running = self.supernodes.get(site)
+        if running is not None and running.returncode is None:
+            raise FederationError(f"the SuperNode of {site!r} is already running (log {running.log_path})")
+        if not Path(private_key).exists():
+            raise FileNotFoundError(f"{private_key} (private key of {site!r}) is missing; create it with `fedglioma certs`")
+        if running is not None:
+            running.log_file.close()
+        port = local_port if local_port is not None else free_port("127.0.0.1", self._local_ports)
+        self._local_ports.add(port)
+        proc = self.spawn(
+            f"supernode-{site}", self.supernode_command(private_key, node_config or {}, port),
+            self.workdir / "supernodes" / site,
+        )
+        self.supernodes[site] = proc
+        return proc
+
+    def wait_for_nodes(self, sites: list[str] | None = None, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Wait until the registered nodes of ``sites`` (default: every started SuperNode) are
+        online and return :meth:`nodes` as last seen; raise with the log tail when one of their
+        processes exits first."""
+        sites = list(self.supernodes) if sites is None else sites
+        registry = self._registry()
+        missing = [s for s in sites if s not in registry]
+        if missing:
+            raise FederationError(f"site(s) {missing} were not registered by this launcher (register_site first)")
+        wanted = {str(registry[s]["node_id"]): s for s in sites}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for site in sites:
+                proc = self.supernodes.get(site)
+                if proc is not None and proc.returncode is not None:
+                    raise FederationError(
+                        f"the SuperNode of {site!r} exited with code {proc.returncode} (log {proc.log_path}):\n{proc.log_tail()}"
+                    )
+            nodes = self.nodes()
+            online = {n["node-id"] for n in nodes if n.get("status") == "online"}
+            if set(wanted) <= online:
+                return nodes
+            if time.monotonic() > deadline:
+                offline = sorted(wanted[n] for n in set(wanted) - online)
+                raise FederationError(f"SuperNode(s) {offline} not online after {timeout_s:.0f} s; see {self.log_dir}")
+            time.sleep(1.0)
+
+    # -- runs -------------------------------------------------------------------------------------
+
+    def run(self, app_dir: Path, run_config: Mapping[str, Scalar] | None = None) -> int:
+        """``flwr run APP_DIR CONNECTION --run-config FILE --format json``; returns the run id.
+
+        The overrides go through a TOML file (written by tomli_w, kept in ``run-configs/``) rather
+        than the inline ``k=v`` form: Flower's inline parser splits on a regex that cannot carry
+        every string, a file carries any value exactly."""
+        args = ["run", str(Path(app_dir).resolve()), self.connection]
+        if run_config:
+            args += ["--run-config", str(self._write_run_config(run_config))]
+        reply = self._flwr_json(*args, timeout_s=300.0)
+        return int(reply["run-id"])
+
+    def _write_run_config(self, run_config: Mapping[str, Scalar]) -> Path:
+        for key, value in run_config.items():
+            if not _CONFIG_KEY.match(key):
+                raise ValueError(f"run-config key {key!r}: use letters, digits, '_', '-' and '.' only")
+            if not isinstance(value, (bool, int, float, str)):
+                raise TypeError(f"run-config value for {key!r} is a {type(value).__name__}; Flower accepts bool/int/float/str")
+        folder = self.workdir / "run-configs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6:06d}.toml"
+        # quoted keys ("model.lr" = ...) stay flat: Flower flattens the file to the same dotted keys
+        path.write_text(tomli_w.dumps(dict(run_config)))
+        return path
+
+    def status(self, run_id: int) -> str:
+        """The run's status from ``flwr ls --run-id``: ``pending``, ``starting``, ``running``,
+        ``finished:completed``, ``finished:failed`` or ``finished:stopped``."""
+        runs = self._flwr_json("ls", self.connection, "--run-id", str(run_id))["runs"]
+        if not runs:
+            raise FederationError(f"the SuperLink at {self.address} knows no run {run_id}")
+        return str(runs[0]["status"])
+
+    def wait(
+        self,
+        run_id: int,
+        timeout_s: float,
+        poll_s: float = 3.0,
+        on_poll: Callable[[str], None] | None = None,
+    ) -> str:
+        """Poll the run's status until it is ``finished:*`` and return that status. ``on_poll(status)``
+        is called after every poll. Raises ``TimeoutError`` after ``timeout_s`` and
+        :class:`FederationError` when the SuperLink process dies meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.superlink is not None and self.superlink.returncode is not None:
+                raise FederationError(
+                    f"the SuperLink exited with code {self.superlink.returncode} during run {run_id}:\n"
+                    f"{self.superlink.log_tail()}"
+                )
+            status = self.status(run_id)
+            if on_poll is not None:
+                on_poll(status)
+            if status.startswith("finished"):
+                return status
+            if time.monotonic() + poll_s > deadline:
+                raise TimeoutError(
+                    f"run {run_id} is still '{status}' after {timeout_s:.0f} s; stop it with "
+                    f"`FLWR_HOME={self.flwr_home} flwr stop {run_id} {self.connection}` and see {self.log_dir}"
+                )
+            time.sleep(poll_s)
+
+    def logs(self, run_id: int) -> str:
+        """The run's ServerApp log (``flwr log RUN_ID CONNECTION --show``), colour codes removed."""
+        done = self.flwr("log", str(run_id), self.connection, "--show", timeout_s=120.0, check=False)
+        return _strip_ansi(done.stdout + done.stderr)
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    def processes(self) -> list[ManagedProcess]:
+        """Every process started so far (running or not), the latest first."""
+        return list(reversed(self._started))
+
+    def stop(self) -> None:
+        """Stop every process this launcher started (see :func:`terminate`). Safe to call twice.
+
+        SuperNodes go first, while the SuperLink can still record them as offline: a SuperNode
+        killed together with its SuperLink stays "online" in the persistent state database, and
+        after a restart that stale entry refuses the node's re-activation until it expires."""
+        others = [p for p in self.processes() if p is not self.superlink]
+        terminate(others, self.stop_timeout_s)
+        if self.superlink is not None:
+            terminate([self.superlink], self.stop_timeout_s)
+
+    def stop_process(self, proc: ManagedProcess) -> None:
+        """Stop one process (a SuperNode going offline, a proxy) the same way :meth:`stop` does."""
+        terminate([proc], self.stop_timeout_s)
+
+
+def terminate(procs: list[ManagedProcess], timeout_s: float = 15.0) -> None:
+    """SIGTERM each process group (all at once, so Flower's processes shut down cleanly and in
+    parallel), SIGKILL what is left after ``timeout_s``, then the same for the SuperExec and app
+    processes Flower started in sessions of their own, and close the logs."""
+    for proc in procs:
+        # only while our child is un-reaped is its pid still its own: snapshot, then signal
+        if proc.returncode is None:
+            proc.descendants.update(descendant_processes(proc.popen.pid))
+            _signal_group(proc.popen.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.popen.pid, signal.SIGKILL)
+            proc.popen.wait(timeout=10)
+    leftovers = {pid: start for proc in procs for pid, start in proc.descendants.items() if _alive(pid, start)}
+    for pid in leftovers:
+        _signal_pid(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5.0
+    while leftovers and time.monotonic() < deadline:
+        leftovers = {pid: start for pid, start in leftovers.items() if _alive(pid, start)}
+        time.sleep(0.1)
+    for pid in leftovers:
+        _signal_pid(pid, signal.SIGKILL)
+    for proc in procs:
+        proc.log_file.close()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_pid(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

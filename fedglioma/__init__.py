@@ -1,0 +1,1 @@
+"""The ``fedglioma`` command line and the reference (centralized / local-only) training."""

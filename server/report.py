@@ -1,0 +1,184 @@
+"""``report.html`` and ``plots/*.png`` from a run folder's ``metrics.json``.
+
+The report is rebuilt from metrics.json alone (after every round), so it can be regenerated at
+any time: ``python -m server.report runs/<name>``. Images are embedded so the HTML file can be
+mailed or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.contract import SEQUENCES, TASKS
+
+HELDOUT_PLOTS: dict[str, tuple[str, ...]] = {
+    "heldout_dice": ("dice_wt", "dice_tc", "dice_et"),
+    "heldout_auc": tuple(f"auc_{t}" for t in TASKS),
+    "heldout_hd95": ("hd95_wt", "hd95_tc", "hd95_et"),
+}
+FINAL_TABLE_KEYS: tuple[str, ...] = (
+    "dice_wt", "dice_tc", "dice_et", "hd95_wt",
+    *(f"auc_{t}" for t in TASKS), *(f"acc_{t}" for t in TASKS), "n_cases",
+)
+
+
+def _num(value: Any) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def _fmt(value: Any) -> str:
+    f = _num(value)
+    if math.isnan(f):
+        return "–"
+    return f"{f:.0f}" if f.is_integer() and abs(f) >= 1 else f"{f:.3f}"
+
+
+def _plot_series(path: Path, title: str, xs: list[int], series: dict[str, list[float]], ylabel: str) -> None:
+    # Imported on the first plot: pyplot must see the Agg backend chosen first (no display here).
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after the backend is chosen
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for label, ys in series.items():
+        if any(not math.isnan(y) for y in ys):
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # rounds are whole numbers
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def make_plots(run_dir: Path, history: dict[str, Any]) -> list[Path]:
+    rounds = history.get("rounds", [])
+    xs = [r["round"] for r in rounds]
+    plots = run_dir / "plots"
+    written: list[Path] = []
+    for name, keys in HELDOUT_PLOTS.items():
+        series = {k: [_num(r["heldout"].get(k)) for r in rounds] for k in keys}
+        unit = "mm" if "hd95" in name else "score"
+        _plot_series(plots / f"{name}.png", f"held-out center: {name.split('_', 1)[1]}", xs, series, unit)
+        written.append(plots / f"{name}.png")
+    sites = sorted({s for r in rounds for s in r.get("sites", {})})
+    if sites:
+        series = {s: [_num(r.get("sites", {}).get(s, {}).get("dice_wt")) for r in rounds] for s in sites}
+        _plot_series(plots / "sites_dice_wt.png", "per-site validation WT Dice", xs, series, "Dice")
+        written.append(plots / "sites_dice_wt.png")
+    train_sites = sorted({s for r in rounds for s in r.get("train", {})})
+    if train_sites:
+        series = {s: [_num(r.get("train", {}).get(s, {}).get("loss")) for r in rounds] for s in train_sites}
+        _plot_series(plots / "sites_train_loss.png", "per-site local training loss", xs, series, "loss")
+        written.append(plots / "sites_train_loss.png")
+    return written
+
+
+def _table(headers: list[str], rows: list[list[str]], highlight: int | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cls = ' class="worst"' if i == highlight else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def worst_site(site_metrics: dict[str, dict[str, Any]]) -> str | None:
+    """The site whose validation WT Dice is lowest (ties: name order); None without site metrics."""
+    scored = [(_num(m.get("dice_wt")), s) for s, m in site_metrics.items()]
+    scored = [(d, s) for d, s in scored if not math.isnan(d)]
+    return min(scored)[1] if scored else None
+
+
+def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
+    rounds = history.get("rounds", [])
+    final = history.get("final", {})
+    last = rounds[-1] if rounds else {"heldout": {}, "sites": {}, "train": {}}
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if final:
+        parts.append(
+            f"<p>Final round {final.get('round')}; best round {final.get('best_round')} "
+            f"(score {_fmt(final.get('best_score'))}: {html.escape(str(final.get('selection', '')))}).</p>"
+        )
+    parts.append("<h2>Held-out center, every round</h2>")
+    headers = ["round", "stage", *FINAL_TABLE_KEYS]
+    rows = [[str(r["round"]), str(r.get("stage", "")), *(_fmt(r["heldout"].get(k)) for k in FINAL_TABLE_KEYS)] for r in rounds]
+    parts.append(_table(headers, rows))
+
+    site_metrics = last.get("sites", {})
+    if site_metrics:
+        worst = worst_site(site_metrics)
+        names = sorted(site_metrics)
+        parts.append(f"<h2>Sites, final round (validation split; worst site: {html.escape(str(worst))})</h2>")
+        rows = [[s, *(_fmt(site_metrics[s].get(k)) for k in FINAL_TABLE_KEYS)] for s in names]
+        parts.append(_table(["site", *FINAL_TABLE_KEYS], rows, highlight=names.index(worst) if worst in names else None))
+
+    train = {}
+    for r in rounds:  # the latest description each site sent
+        train.update(r.get("train", {}))
+    if train:
+        parts.append("<h2>What each site had (training split)</h2>")
+        keys = ["n_train", "n_val", "n_complete", *(f"has_{s}" for s in SEQUENCES), "has_seg", *(f"labeled_{t}" for t in TASKS)]
+        rows = [[s, *(_fmt(train[s].get(k)) for k in keys)] for s in sorted(train)]
+        parts.append(_table(["site", *keys], rows))
+    # pseudo-labels per round and site: counts and mean confidences only (scalars the sites sent);
+    # candidate_confidence shows how far a site's candidates are from tau_c when none is accepted;
+    # majority_share near 1.0 says the accepted labels only repeat the site's majority class
+    pseudo_keys = ["pseudo_accepted", *(f"pseudo_{t}_{m}" for t in TASKS
+                                        for m in ("accepted", "confidence", "candidate_confidence", "majority_share"))]
+    pseudo_rows = [
+        [str(r["round"]), site, *(_fmt(m.get(k)) for k in pseudo_keys)]
+        for r in rounds for site, m in sorted((r.get("train") or {}).items()) if "pseudo_accepted" in m
+    ]
+    if pseudo_rows:
+        parts.append("<h2>Pseudo-labels accepted per round and site</h2>")
+        parts.append(_table(["round", "site", *pseudo_keys], pseudo_rows))
+
+    problems = [(r["round"], kind, site, why) for r in rounds for kind in ("failures", "rejected")
+                for site, why in (r.get(kind) or {}).items()]
+    if problems:
+        parts.append("<h2>Failed or rejected site updates</h2>")
+        parts.append(_table(["round", "kind", "site", "reason"], [[str(a), b, c, str(d)] for a, b, c, d in problems]))
+
+    parts.append("<h2>Plots</h2>")
+    for path in plots:
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f'<figure><img alt="{path.stem}" src="data:image/png;base64,{data}"><figcaption>{path.name}</figcaption></figure>')
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}"
+        "tr.worst td{background:#fdd;font-weight:bold}figure{display:inline-block;margin:0.5em}"
+    )
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def write_report(run_dir: Path | str) -> Path:
+    """(Re)write ``report.html`` and ``plots/*.png`` of ``run_dir``; returns the HTML path."""
+    run_dir = Path(run_dir)
+    history = json.loads((run_dir / "metrics.json").read_text())
+    plots = make_plots(run_dir, history)
+    out = run_dir / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(render_html(history, plots, f"fedglioma run: {run_dir.name}"))
+    tmp.replace(out)
+    return out
+
+
+if __name__ == "__main__":
+    print(write_report(Path(sys.argv[1])))
