@@ -27,7 +27,6 @@ between rounds. Plugs into :class:`client.training.LocalTrainer` as ``extra_loss
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from client.state import RoundTag
 from common.config import ConfigError, SSLConfig
@@ -96,23 +96,24 @@ class EMATeacher:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay} (ssl.ema_decay)")
         self.decay = float(decay)
-        self.model = copy.deepcopy(model).eval()
+        # torch's AveragedModel holds the copy and applies the EMA (foreach lerp). It counts the copy
+        # as one average already, so the first update blends with it instead of overwriting it.
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=False)
+        self.averaged.n_averaged.fill_(1)
+        self.model = self.averaged.module.eval()
         self.model.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         """Parameters: ``theta_t <- d theta_t + (1 - d) theta_s``; buffers copied from the student
         (running statistics are not averaged, as in the mean teacher)."""
-        student_params = dict(student.named_parameters())
-        student_buffers = dict(student.named_buffers())
-        teacher_params = dict(self.model.named_parameters())
-        if student_params.keys() != teacher_params.keys():
+        if dict(student.named_parameters()).keys() != dict(self.model.named_parameters()).keys():
             raise ValueError(
                 "EMATeacher.update: the student's parameters differ from the teacher's; build the "
                 "teacher from this model (EMATeacher(model, decay))"
             )
-        for name, t_param in teacher_params.items():
-            t_param.mul_(self.decay).add_(student_params[name].detach().to(t_param.dtype), alpha=1.0 - self.decay)
+        self.averaged.update_parameters(student)
+        student_buffers = dict(student.named_buffers())
         for name, t_buffer in self.model.named_buffers():
             t_buffer.copy_(student_buffers[name])
 
