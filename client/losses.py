@@ -14,14 +14,13 @@ regulariser alone and drift.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, FocalLoss
-from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from common.config import CLS_LOSSES, TASK_WEIGHTINGS, choice_error
@@ -35,36 +34,46 @@ def cls_term_name(task: str) -> str:
     return f"cls_{task}"
 
 
-def class_weights_from_labels(labels: np.ndarray | torch.Tensor, num_classes: int = 2) -> torch.Tensor:
-    """Inverse-frequency class weights per task from real labels.
-
-    Args:
-        labels: (N, T) integer labels, ``UNKNOWN_LABEL`` (-1) where unknown.
-        num_classes: classes per task.
-
-    Returns:
-        (T, num_classes) float32 weights ``N_t / (num_classes * n_tc)`` (scikit-learn's
-        "balanced": their frequency-weighted mean is 1, so the loss keeps the scale of plain CE).
-        A task with no labels, or where some class never occurs, gets all ones: there is nothing
-        to rebalance against.
-    """
+def class_counts_from_labels(labels: np.ndarray | torch.Tensor, num_classes: int = 2) -> np.ndarray:
+    """(T, num_classes) counts of each class per task among the known labels of ``labels`` (N, T)."""
     array = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
     if array.ndim != 2:
         raise ValueError(f"labels must be (N, T) (cases x tasks), got shape {array.shape}")
-    weights = np.ones((array.shape[1], num_classes), dtype=np.float32)
-    classes = np.arange(num_classes)
+    counts = np.zeros((array.shape[1], num_classes), dtype=np.float64)
     for t in range(array.shape[1]):
         column = array[:, t]
         column = column[column != UNKNOWN_LABEL].astype(np.int64)
-        bad = sorted(set(column.tolist()) - set(classes.tolist()))
+        bad = sorted(set(column.tolist()) - set(range(num_classes)))
         if bad:
             raise ValueError(
                 f"labels column {t} holds values {bad}; expected 0..{num_classes - 1} or "
                 f"{UNKNOWN_LABEL} for unknown"
             )
-        if len(np.unique(column)) == num_classes:
-            weights[t] = compute_class_weight("balanced", classes=classes, y=column)
-    return torch.from_numpy(weights)
+        counts[t] = np.bincount(column, minlength=num_classes)
+    return counts
+
+
+def class_weights_from_counts(counts: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Inverse-frequency class weights (T, K) from class counts (T, K), add-one smoothed.
+
+    ``w_c = (N + K) / (K (n_c + 1))``: scikit-learn's "balanced" weights ``N / (K n_c)`` on counts
+    with one pseudo-case per class, so a class that these counts never saw still gets a finite,
+    large weight instead of the whole task silently falling back to all ones. With no labels at
+    all the weights are all 1 (nothing to rebalance). Pass federation-wide counts (the sum of the
+    sites' label counts) so that every site weighs the classes alike.
+    """
+    table = torch.as_tensor(np.asarray(counts, dtype=np.float64)).float()
+    if table.ndim != 2 or not bool(torch.isfinite(table).all()) or bool((table < 0).any()):
+        raise ValueError(f"class counts must be a finite, non-negative (T, K) table, got {table.tolist()}")
+    k = table.shape[1]
+    smoothed = table + 1.0
+    return smoothed.sum(1, keepdim=True) / (k * smoothed)
+
+
+def class_weights_from_labels(labels: np.ndarray | torch.Tensor, num_classes: int = 2) -> torch.Tensor:
+    """Inverse-frequency class weights per task from real labels (N, T), ``UNKNOWN_LABEL`` (-1)
+    where unknown: :func:`class_weights_from_counts` of :func:`class_counts_from_labels`."""
+    return class_weights_from_counts(class_counts_from_labels(labels, num_classes))
 
 
 @dataclass
@@ -74,6 +83,9 @@ class LossResult:
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
+    #: the weighted contribution of each term present in the batch, still attached to the graph
+    #: (``exp(-s_i) L_i`` under uncertainty weighting): what each task pushes into the shared weights
+    weighted: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MultiTaskLoss(nn.Module):
@@ -121,7 +133,7 @@ class MultiTaskLoss(nn.Module):
             if class_counts is None:
                 raise ValueError(
                     "cls_loss='balanced_softmax' needs class_counts (T, 2) of the training labels "
-                    "(see client.training.label_statistics), or use cls_loss='weighted_ce'"
+                    "(see client.losses.class_counts_from_labels), or use cls_loss='weighted_ce'"
                 )
             counts = torch.as_tensor(class_counts).float()
             self._check_table("class_counts", counts, num_tasks)
@@ -205,7 +217,9 @@ class MultiTaskLoss(nn.Module):
             if loss is not None:
                 present[task] = loss
 
+        weighted: dict[str, torch.Tensor] = {}
         if present:
+            weighted = weighting.weighted_terms(present, mode=self.task_weighting)
             total = weighting(present, mode=self.task_weighting)
         else:
             # Nothing to learn from: a zero that is still attached to the graph, so that
@@ -217,4 +231,4 @@ class MultiTaskLoss(nn.Module):
         terms = {SEG_TERM: present[SEG_TERM].detach() if SEG_TERM in present else zero}
         for task in self.tasks:
             terms[cls_term_name(task)] = present[task].detach() if task in present else zero
-        return LossResult(total=total, terms=terms)
+        return LossResult(total=total, terms=terms, weighted=weighted)

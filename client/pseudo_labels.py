@@ -182,7 +182,8 @@ def mc_predict_cases(
         for batch in loader:
             rows = batch[INDEX].long()
             m, s = mc_dropout_predict(
-                model, batch["image"].to(device), batch["available"].to(device), passes=cfg.ssl.mc_passes
+                model, batch["image"].to(device), batch["available"].to(device), passes=cfg.ssl.mc_passes,
+                spacing=batch["spacing"].to(device),
             )
             for t, task in enumerate(TASKS):
                 mean[rows, t] = m[task].float().cpu()

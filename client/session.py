@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,6 +94,8 @@ class SiteSession:
             facts[f"has_{seq}"] = float(sum(c.available[i] for c in self.train_cases))
         for t, task in enumerate(TASKS):
             facts[f"labeled_{task}"] = float(sum(c.labels[t] >= 0 for c in self.train_cases))
+            for c in (0, 1):  # class counts: the server sums them into federation-wide class weights
+                facts[f"count_{task}_{c}"] = float(sum(case.labels[t] == c for case in self.train_cases))
         facts["has_seg"] = float(sum(c.seg is not None for c in self.train_cases))
         return facts
 
@@ -123,7 +126,7 @@ class SiteSession:
         # Shuffling and augmentation differ per round yet repeat exactly for the same seed and round.
         seed = cfg.train.seed + int(round_config.get("global-round", 0))
         loader = make_loader(cases, cfg.data, train=True, seed=seed)
-        trainer = LocalTrainer(model, cfg, self.device, loader.dataset.label_matrix())
+        trainer = LocalTrainer(model, cfg, self.device, loader.dataset.label_matrix(), federation_class_counts(round_config))
         if stage == "pretrain_imputer":
             result = trainer.run(loader, stage=stage, epochs=epochs, lr=lr, desc=self.name)
         else:
@@ -183,7 +186,8 @@ class SiteSession:
         """Global model on this site's validation split (scalar metrics + num-examples)."""
         loader = make_loader(self.val_cases, self.cfg.data, train=False)
         model.to(self.device)
-        metrics = evaluate(model, loader, self.device, progress=False)
+        # the cal_* statistics let the server fit a temperature and threshold per task
+        metrics = evaluate(model, loader, self.device, progress=False, calibration_stats=True)
         metrics["num-examples"] = float(len(self.val_cases))
         model.cpu()
         return metrics
@@ -196,6 +200,15 @@ class _SemiSupervision:
     batch_hook: "PseudoLabelHook | None" = None
     regularizer: "ConsistencyRegularizer | None" = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def federation_class_counts(round_config: Mapping[str, Any]) -> np.ndarray | None:
+    """(T, 2) federation-wide class counts from the round config (``class-count-<task>``), or None
+    when the server has not sent them for every task (then the site's own counts are used)."""
+    keys = [f"class-count-{task}" for task in TASKS]
+    if not all(k in round_config for k in keys):
+        return None
+    return np.asarray([list(round_config[k]) for k in keys], dtype=np.float64).reshape(len(TASKS), 2)
 
 
 def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

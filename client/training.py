@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from client.losses import MultiTaskLoss, class_weights_from_labels
+from client.losses import MultiTaskLoss, class_counts_from_labels, class_weights_from_counts
 from common.config import ExperimentConfig
-from common.contract import TASKS
+from common.contract import SEG_TERM, TASKS
 from common.model import GliomaOutput
 from common.model.imputation import imputation_pretrain_loss
 from common.runtime import Batch, move_batch
@@ -57,14 +57,20 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig, lr: float) -> torch
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
 
 
-def label_statistics(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task class counts (T, 2) and inverse-frequency class weights (T, 2) of real labels."""
-    counts = torch.zeros(len(TASKS), 2)
-    for t in range(len(TASKS)):
-        column = labels[:, t]
-        for c in range(2):
-            counts[t, c] = float((column == c).sum())
-    return counts, class_weights_from_labels(labels)
+def encoder_gradient_shares(model: nn.Module, weighted: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each loss term's share of the gradient norm that reaches the shared encoder.
+
+    ``weighted``: ``{term: weighted scalar loss}`` attached to the graph (``LossResult.weighted``).
+    Returns ``{"grad_share_<term>": ||d term / d encoder||_2 / sum over terms}`` (terms absent from
+    the batch are 0). One extra backward pass per term: measured on one batch per local round.
+    """
+    params = [p for p in model.encoder.parameters() if p.requires_grad]
+    norms: dict[str, float] = {}
+    for name, loss in weighted.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        norms[name] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) or torch.zeros(())))
+    total = sum(norms.values())
+    return {f"grad_share_{name}": (norms.get(name, 0.0) / total if total > 0 else 0.0) for name in (SEG_TERM, *TASKS)}
 
 
 @dataclass
@@ -85,6 +91,8 @@ class LocalTrainer:
         cfg: the experiment config (train section used).
         device: where to train.
         labels: (N, T) real labels of the training cases (class weights, balanced softmax).
+        class_counts: (T, 2) class counts to weigh the classes by instead of ``labels``' own, e.g.
+            the federation-wide sum of the sites' label counts (every site then weighs alike).
     """
 
     def __init__(
@@ -93,17 +101,19 @@ class LocalTrainer:
         cfg: ExperimentConfig,
         device: torch.device,
         labels: np.ndarray,
+        class_counts: np.ndarray | None = None,
     ) -> None:
         self.model = model.to(device)
         self.cfg = cfg
         self.device = device
-        counts, weights = label_statistics(labels)
+        counts = class_counts_from_labels(labels) if class_counts is None else np.asarray(class_counts, dtype=np.float64)
+        self.class_counts = counts
         self.loss_fn = MultiTaskLoss(
             tasks=TASKS,
             cls_loss=cfg.train.cls_loss,
             focal_gamma=cfg.train.focal_gamma,
-            class_weights=weights,
-            class_counts=counts,
+            class_weights=class_weights_from_counts(counts),
+            class_counts=torch.as_tensor(counts).float(),
             task_weighting=cfg.train.task_weighting,
         ).to(device)
         self.use_amp = cfg.train.amp and device.type == "cuda"
@@ -189,6 +199,7 @@ class LocalTrainer:
             [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else None
         )
         sums: dict[str, float] = {}
+        shares: dict[str, float] = {}
         steps = 0
         start = time.perf_counter()
         for epoch in range(epochs):
@@ -197,11 +208,13 @@ class LocalTrainer:
                 if batch_hook is not None:
                     batch = batch_hook(batch)
                 with torch.autocast(self.device.type, enabled=self.use_amp):
-                    output = model(batch["image"], batch["available"])
+                    output = model(batch["image"], batch["available"], batch.get("spacing"))
                     result = self.loss_fn(output, batch, model.task_weighting)
                     extra = extra_loss(model, batch, output) if extra_loss is not None else None
                 loss = result.total.float()
                 terms: dict[str, torch.Tensor | float] = dict(result.terms)
+                if steps == 0 and result.weighted and hasattr(model, "encoder"):
+                    shares = encoder_gradient_shares(model, result.weighted)
                 if extra is not None:
                     extra_total, extra_terms = extra
                     loss = loss + extra_total.float()
@@ -225,6 +238,7 @@ class LocalTrainer:
             if self.cfg.train.max_steps and steps >= self.cfg.train.max_steps:
                 break
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics.update(shares)
         metrics.update(steps=float(steps), seconds=time.perf_counter() - start)
         return StageResult(metrics)
 

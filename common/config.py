@@ -24,6 +24,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # The allowed values of the config's choice fields: the one list each, also used by the modules
 # that implement them (fusion, losses, task weighting, strategy) to check constructor arguments.
 FUSIONS: tuple[str, ...] = ("weighted", "experts")
+CLASSIFIER_POOLINGS: tuple[str, ...] = ("tumor", "global")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 CLS_LOSSES: tuple[str, ...] = ("weighted_ce", "balanced_softmax", "focal")
 TASK_WEIGHTINGS: tuple[str, ...] = ("uncertainty", "equal")
@@ -51,6 +52,10 @@ class ModelConfig:
     fusion: str = "weighted"  # "weighted" (GMMAS eq. 1) or "experts" (GMENet DWEFM)
     imputation: bool = False  # generative imputation of missing sequences (GMENet CGGM)
     classifier_hidden: int = 64
+    # "tumor": encoder features pooled inside the predicted tumor regions + segmentation
+    # descriptors (volumes, fractions, location); "global": whole-volume GAP+GMP (ablation)
+    classifier_pooling: str = "tumor"
+    cls_encoder_grad: float = 1.0  # factor on the classification gradient into the shared encoder
     survival_head: bool = False
 
 
@@ -218,6 +223,7 @@ def validate(cfg: ExperimentConfig) -> None:
     """Reject values that are of the right type but make no sense."""
     choices = {
         ("model", "fusion"): FUSIONS,
+        ("model", "classifier_pooling"): CLASSIFIER_POOLINGS,
         ("train", "optimizer"): OPTIMIZERS,
         ("train", "cls_loss"): CLS_LOSSES,
         ("train", "task_weighting"): TASK_WEIGHTINGS,

@@ -65,7 +65,9 @@ LABELS_CSV_OPTIONAL: tuple[str, ...] = ("survival_days", "event")
 SEG_METRIC_KEYS: tuple[str, ...] = tuple(
     f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS
 )
-CLS_METRIC_NAMES: tuple[str, ...] = ("auc", "acc", "sen", "spe", "f1", "ece", "n")
+#: ``bacc``: balanced accuracy; ``logit_mean``/``logit_std``: mean and spread of the logit difference
+#: z = logit_1 - logit_0 over the labeled cases (a collapsed head has a small spread).
+CLS_METRIC_NAMES: tuple[str, ...] = ("auc", "acc", "bacc", "sen", "spe", "f1", "ece", "logit_mean", "logit_std", "n")
 CLS_METRIC_KEYS: tuple[str, ...] = tuple(f"{m}_{t}" for t in TASKS for m in CLS_METRIC_NAMES)
 METRIC_KEYS: tuple[str, ...] = SEG_METRIC_KEYS + CLS_METRIC_KEYS + ("n_cases",)
 

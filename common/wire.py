@@ -21,9 +21,19 @@ import torch
 from flwr.app import ArrayRecord
 
 
+def head_group(task: str) -> str:
+    """The wire group of one task's classifier head (averaged per task by the server)."""
+    return f"classifier.heads.{task}"
+
+
 def group_of(name: str) -> str:
-    """The parameter group of a state-dict key: its top-level module (``encoder.stages.0.w`` -> ``encoder``)."""
-    return name.split(".", 1)[0]
+    """The parameter group of a state-dict key: its top-level module (``encoder.stages.0.w`` ->
+    ``encoder``), except that each task head of the classifier is a group of its own
+    (``classifier.heads.idh.0.weight`` -> ``classifier.heads.idh``)."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[0] == "classifier" and parts[1] == "heads":
+        return head_group(parts[2])
+    return parts[0]
 
 
 def _wire_key(name: str, dtype: torch.dtype) -> str:

@@ -55,7 +55,9 @@ def run_baseline(
     from common.config import compose, replace
     from common.data.dataset import make_loader
     from common.data.site import load_site, split_cases
+    from common.evaluation.calibration import fit_calibration
     from common.evaluation.loop import evaluate
+    from common.evaluation.metrics import selection_score
     from common.model import build_model
     from common.runtime import configure_runtime, select_device
     from server.report import write_report
@@ -94,13 +96,18 @@ def run_baseline(
     train_key = "pooled" if mode == "centralized" else sites[0].name
 
     def score(round_: int, train_metrics: dict[str, float] | None, stage: str) -> None:
-        heldout_metrics = evaluate(model, heldout_loader, dev, progress=cfg.train.progress, desc="held-out")
-        site_metrics = {s: evaluate(model, loader, dev) for s, loader in val_by_site.items()}
+        # As in the federation: calibration and best.pt from the sites' validation splits only.
+        site_metrics = {s: evaluate(model, loader, dev, calibration_stats=True) for s, loader in val_by_site.items()}
+        calibration = fit_calibration(site_metrics.values())
+        selection = selection_score(site_metrics)
+        heldout_metrics = evaluate(model, heldout_loader, dev, progress=cfg.train.progress, desc="held-out",
+                                   calibration=calibration)
         folder.record_round(
             round_, heldout=heldout_metrics, sites=site_metrics,
-            train={train_key: train_metrics} if train_metrics else {}, extra={"stage": stage},
+            train={train_key: train_metrics} if train_metrics else {},
+            extra={"stage": stage, "calibration": calibration.as_metrics(), "selection_score": selection},
         )
-        folder.save_checkpoint(round_, model.state_dict(), heldout_metrics)
+        folder.save_checkpoint(round_, model.state_dict(), selection)
         print(f"round {round_}: held-out dice_wt={heldout_metrics['dice_wt']:.3f} "
               f"auc_idh={heldout_metrics['auc_idh']:.3f}", flush=True)
 

@@ -14,6 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common.config import ExperimentConfig, from_run_config
+from common.evaluation.calibration import fit_calibration
+from common.evaluation.metrics import selection_score
 from common.model import build_model
 from common.wire import load_packed, pack_state
 from server.heldout import HeldoutEvaluator
@@ -63,9 +65,13 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         if server_round == 0 and offset > 0:
             return None  # round `offset` was scored before the restart
         load_packed(model, arrays)
-        started = time.monotonic()
-        metrics = heldout.evaluate(model)
         round_log = strategy.pop_round()
+        # Calibration and model selection come from the sites' validation of this global model;
+        # the held-out center only receives the calibration and is scored, it chooses nothing.
+        calibration = fit_calibration(round_log["sites"].values())
+        score = selection_score(round_log["sites"])
+        started = time.monotonic()
+        metrics = heldout.evaluate(model, calibration)
         round_log["seconds"]["heldout"] = time.monotonic() - started
         folder.record_round(
             global_round,
@@ -78,9 +84,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
                 "failures": round_log["failures"],
                 "skipped": round_log["skipped"],
                 "seconds": round_log["seconds"],
+                "calibration": calibration.as_metrics(),
+                "selection_score": score,
             },
         )
-        folder.save_checkpoint(global_round, model.state_dict(), metrics)
+        folder.save_checkpoint(global_round, model.state_dict(), score)
         write_report(folder.root)
         log(INFO, "round %d held-out: %s", global_round, _brief(metrics))
         return MetricRecord({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})

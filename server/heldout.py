@@ -10,6 +10,7 @@ from torch import nn
 from common.config import ExperimentConfig
 from common.data.dataset import make_loader
 from common.data.site import load_site
+from common.evaluation.calibration import Calibration
 from common.evaluation.loop import evaluate
 from common.runtime import select_device
 
@@ -32,6 +33,8 @@ class HeldoutEvaluator:
     def n_cases(self) -> int:
         return len(self.index.cases)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, calibration: Calibration | None = None) -> dict[str, float]:
+        """Scores of ``model`` on every held-out case, with the temperature and thresholds fit on
+        the sites' validation splits (``calibration``; None = raw softmax, threshold 0.5)."""
         model.to(self.device)
-        return evaluate(model, self.loader, self.device, progress=self.progress, desc="held-out")
+        return evaluate(model, self.loader, self.device, progress=self.progress, desc="held-out", calibration=calibration)

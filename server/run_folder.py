@@ -23,7 +23,6 @@ import torch
 import yaml
 
 from common.config import ExperimentConfig, to_mapping
-from common.evaluation.metrics import summary_score as metrics_summary_score
 from common.io import atomic_write, json_safe
 
 
@@ -31,10 +30,11 @@ class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked; the message says why and what to do."""
 
 
-def summary_score(heldout: Mapping[str, Any]) -> float:
-    """Model-selection score for ``best.pt``: mean of held-out WT Dice and the mean AUC over the
-    tasks that have one (NaN/None ignored). See :func:`common.evaluation.metrics.summary_score`."""
-    return metrics_summary_score({k: (float("nan") if v is None else v) for k, v in heldout.items()})
+#: How best.pt is chosen (metrics.json "final.selection").
+SELECTION = (
+    "best.pt maximises the sites' validation score: the validation-case-weighted mean over sites of "
+    "mean(dice_wt, mean AUC over tasks); the held-out center is only reported"
+)
 
 
 @dataclass
@@ -108,7 +108,8 @@ class RunFolder:
         entry: dict[str, Any] = {
             "round": int(round_),
             "heldout": dict(heldout),
-            "sites": {k: dict(v) for k, v in (sites or {}).items()},
+            # the sites' calibration statistics (cal_*) served the fit recorded under "calibration"
+            "sites": {k: {m: x for m, x in v.items() if not m.startswith("cal_")} for k, v in (sites or {}).items()},
             "train": {k: dict(v) for k, v in (train or {}).items()},
         }
         if extra:
@@ -122,13 +123,15 @@ class RunFolder:
         rounds = self.history["rounds"]
         if not rounds:
             raise RunFolderError(f"{self.root}: no round was recorded, nothing to finalize")
-        best = max(rounds, key=lambda r: _nan_low(summary_score(r["heldout"])))
+        scored = [r for r in rounds if math.isfinite(_float(r.get("selection_score")))]
+        best = max(scored, key=lambda r: _float(r["selection_score"])) if scored else rounds[-1]
         final = {
             "heldout": rounds[-1]["heldout"],
             "round": rounds[-1]["round"],
             "best_round": best["round"],
-            "best_score": summary_score(best["heldout"]),
-            "selection": "best.pt maximises mean(held-out dice_wt, mean held-out AUC over tasks)",
+            "best_score": _float(best.get("selection_score")),
+            "best_heldout": best["heldout"],
+            "selection": SELECTION if scored else "no validation metrics to select on: best.pt is the last round",
         }
         if extra:
             final.update(extra)
@@ -141,12 +144,13 @@ class RunFolder:
         atomic_write(self.metrics_path, lambda p: p.write_text(text))
 
     # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, round_: int, state_dict: Mapping[str, torch.Tensor], heldout: Mapping[str, Any]) -> None:
-        """Write round-NNN.pt and last.pt, and best.pt when this round has the best score so far."""
-        score = summary_score(heldout)
+    def save_checkpoint(self, round_: int, state_dict: Mapping[str, torch.Tensor], score: float) -> None:
+        """Write round-NNN.pt and last.pt, and best.pt when this round has the best selection
+        ``score`` so far (:func:`common.evaluation.metrics.selection_score` of the sites'
+        validation metrics; NaN = nothing to select on, best.pt follows the last round until a
+        round has a score). The held-out center never enters the score."""
         payload = {
             "round": int(round_),
-            "score": float(score) if math.isfinite(score) else -1.0,
             "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
             "model": dict(to_mapping(self.cfg)["model"]),
             "size": int(self.cfg.data.size),
@@ -154,10 +158,12 @@ class RunFolder:
         for name in (f"round-{round_:03d}.pt", "last.pt"):
             atomic_write(self.checkpoints / name, lambda p: torch.save(payload, p))
         best_path = self.checkpoints / "best.pt"
-        previous = -math.inf
+        previous = math.nan
         if best_path.exists():
-            previous = float(torch.load(best_path, weights_only=True, map_location="cpu")["score"])
-        if _nan_low(score) > previous or not best_path.exists():
+            previous = float(torch.load(best_path, weights_only=True, map_location="cpu").get("selection_score", math.nan))
+        payload["selection_score"] = float(score)
+        better = math.isfinite(score) and (not math.isfinite(previous) or score > previous)
+        if better or not best_path.exists() or not math.isfinite(previous):
             atomic_write(best_path, lambda p: torch.save(payload, p))
 
     def resume_state(self) -> ResumeState | None:
@@ -178,5 +184,5 @@ class RunFolder:
         return ResumeState(next_round=done + 1, state_dict=payload["state_dict"])
 
 
-def _nan_low(x: float) -> float:
-    return x if math.isfinite(x) else -math.inf
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)

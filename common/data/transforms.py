@@ -18,7 +18,7 @@ Output dict (exactly these keys):
 Pipeline: load (nibabel) -> channel first -> stack into 4 channels -> 4 -> 3 -> RAS -> crop to the
 union foreground of the available sequences -> resize the longest side to S keeping the aspect
 ratio (images trilinear with anti-aliasing, the label map nearest) -> pad to S^3 -> z-score ->
-[train: flips, intensity scale/shift] -> record spacing -> types.
+[train: left-right flip, intensity scale/shift] -> record spacing -> types.
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ def build_transforms(size: int, train: bool) -> Compose:
 
     Args:
         size: cubic output size S in voxels.
-        train: add light augmentation applied identically to image and segmentation: random flips
-            over each axis, per-channel intensity scaling, and per-channel intensity shift of the
+        train: add light augmentation applied identically to image and segmentation: a random
+            left-right flip, per-channel intensity scaling, and per-channel intensity shift of the
             non-zero voxels only.
     """
     if size < 1:
@@ -152,7 +152,9 @@ def build_transforms(size: int, train: bool) -> Compose:
         NormalizeIntensityd(keys=IMAGE, nonzero=True, channel_wise=True),
     ]
     if train:
-        steps += [RandFlipd(keys=spatial, prob=0.5, spatial_axis=axis) for axis in range(3)]
+        # Left-right only (axis 0 after RAS): flipping anterior-posterior or superior-inferior would
+        # erase where the tumor sits (a frontal location is an IDH-mutant cue).
+        steps.append(RandFlipd(keys=spatial, prob=0.5, spatial_axis=0))
         steps += [
             RandScaleIntensityd(keys=IMAGE, factors=0.1, prob=0.5, channel_wise=True),
             # Shift only non-zero voxels (by a fraction of their std, ~1 after z-scoring):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from common.contract import SEQUENCES, TASKS
+from common.evaluation.calibration import Calibration
 from common.evaluation.metrics import MetricAccumulator
 from common.evaluation.uncertainty import mc_dropout_predict
 from common.runtime import move_batch
@@ -27,11 +29,13 @@ def evaluate(
     mc_passes: int = 0,
     progress: bool = False,
     desc: str = "eval",
-) -> dict[str, float]:
+    calibration: Calibration | None = None,
+    calibration_stats: bool = False,
+) -> dict[str, float | list[float]]:
     """Segmentation and classification metrics of ``model`` over every batch of ``loader``.
 
     Args:
-        model: ``model(image (B, 4, S, S, S), available (B, 4) bool)`` returning an object with
+        model: ``model(image (B, 4, S, S, S), available (B, 4) bool, spacing (B, 3) mm)`` returning an object with
             ``seg_logits`` (B, 4, S, S, S) and ``cls_logits`` ``{task: (B, 2)}``. It is moved to
             ``device`` and put in eval mode; every module's train/eval flag is restored afterwards.
         loader: batches (dicts) with ``image``, ``available``, ``seg`` (B, 1, S, S, S) int64,
@@ -41,14 +45,21 @@ def evaluate(
             passes, and ``unc_<task>`` (mean over cases of the positive-class probability's
             standard deviation, the epistemic uncertainty) is added to the result.
         progress: show a tqdm bar named ``desc``.
+        calibration: per-task temperature and decision threshold fit on the sites' validation
+            splits (deterministic probabilities only); None = raw softmax, threshold 0.5.
+        calibration_stats: add the ``cal_*`` statistics a site sends for fitting a calibration
+            (list values; :mod:`common.evaluation.calibration`).
 
     Returns:
-        ``{key: float}`` with every key of ``METRIC_KEYS`` (NaN where undefined), in that order.
+        ``{key: float}`` with every key of ``METRIC_KEYS`` (NaN where undefined), in that order,
+        then the ``cal_*`` lists when asked.
     """
     if mc_passes < 0 or mc_passes == 1:
         raise ValueError(f"mc_passes must be 0 (deterministic) or >= 2 MC-dropout passes, got {mc_passes}")
     device = torch.device(device)
-    accumulator = MetricAccumulator()
+    accumulator = MetricAccumulator(
+        {t: calibration.probability_threshold(t) for t in TASKS} if calibration is not None else 0.5
+    )
     uncertainty_sums = {task: 0.0 for task in TASKS}
     # Per-module flags, not model.training: a frozen sub-module may be kept in eval mode on purpose.
     modes = {module: module.training for module in model.modules()}
@@ -59,20 +70,25 @@ def evaluate(
         with torch.no_grad():
             for batch in loader:
                 batch = move_batch(batch, device)
-                output = model(batch["image"], batch["available"])
+                output = model(batch["image"], batch["available"], batch["spacing"])
                 # Segmentation always from the deterministic pass: BraTS scores a hard label map.
                 seg_pred = output.seg_logits.argmax(dim=1, keepdim=True)
+                diffs = {task: (logits[:, 1] - logits[:, 0]).float() for task, logits in output.cls_logits.items()}
                 if mc_passes:
-                    probs, spread = mc_dropout_predict(model, batch["image"], batch["available"], mc_passes)
+                    probs, spread = mc_dropout_predict(model, batch["image"], batch["available"], mc_passes, spacing=batch["spacing"])
                     for task in TASKS:
                         uncertainty_sums[task] += float(spread[task][:, 1].sum())
+                elif calibration is not None:
+                    probs = {task: _two_class(calibration.probability(task, z.cpu().numpy())) for task, z in diffs.items()}
                 else:
                     probs = {task: torch.softmax(logits.float(), dim=-1) for task, logits in output.cls_logits.items()}
-                accumulator.add(seg_pred, batch["seg"], batch["has_seg"], batch["spacing"], probs, batch["labels"])
+                accumulator.add(seg_pred, batch["seg"], batch["has_seg"], batch["spacing"], probs, batch["labels"], diffs)
     finally:
         for module, mode in modes.items():
             module.training = mode
-    metrics = accumulator.compute()
+    metrics: dict[str, float | list[float]] = dict(accumulator.compute())
+    if calibration_stats:
+        metrics.update(accumulator.calibration_statistics())
     if mc_passes:
         n = max(accumulator.n_cases, 1)
         metrics.update({f"unc_{task}": uncertainty_sums[task] / n for task in TASKS})
@@ -99,3 +115,9 @@ def drop_sequences(
             available[:, columns] = False
             batch["image"], batch["available"] = image, available
         yield batch
+
+
+def _two_class(prob_pos: np.ndarray) -> torch.Tensor:
+    """(B,) probabilities of class 1 -> (B, 2) class probabilities."""
+    p = torch.as_tensor(prob_pos, dtype=torch.float32)
+    return torch.stack([1.0 - p, p], dim=1)

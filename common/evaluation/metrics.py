@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
-from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
 from common.contract import (
     CLS_METRIC_NAMES,
@@ -35,6 +35,7 @@ from common.contract import (
     TASKS,
     UNKNOWN_LABEL,
 )
+from common.evaluation.calibration import statistics_metrics, task_statistics
 
 #: HD95 (mm) assigned when exactly one of prediction / reference is empty for a region: the
 #: BraTS challenge penalty (the diagonal of the 240x240x155 1 mm BraTS volume, 373.13 mm).
@@ -149,7 +150,8 @@ def expected_calibration_error(prob_pos: np.ndarray, labels: np.ndarray, thresho
 
 
 def classification_scores(
-    prob_pos: np.ndarray, labels: np.ndarray, threshold: float = 0.5, ece_bins: int = ECE_BINS
+    prob_pos: np.ndarray, labels: np.ndarray, threshold: float = 0.5, ece_bins: int = ECE_BINS,
+    logit_diff: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Scores of one binary task from positive-class probabilities; unknown labels are ignored.
 
@@ -158,9 +160,13 @@ def classification_scores(
         labels: (N,) 0, 1 or ``UNKNOWN_LABEL`` (-1, skipped).
         threshold: class 1 is predicted when ``prob_pos >= threshold``.
         ece_bins: number of equal-width confidence bins of the ECE.
+        logit_diff: (N,) logit differences behind ``prob_pos`` (for ``logit_mean``/``logit_std``);
+            None: NaN.
 
     Returns:
-        ``{"auc", "acc", "sen", "spe", "f1", "ece", "n"}``. ``n`` is the number of labeled cases.
+        ``CLS_METRIC_NAMES``: ``{"auc", "acc", "bacc", "sen", "spe", "f1", "ece", "logit_mean",
+        "logit_std", "n"}``. ``n`` is the number of labeled cases; ``bacc`` the balanced accuracy
+        (mean of sensitivity and specificity, NaN unless both classes are present).
         NaN where undefined: everything but ``n`` when ``n == 0``; ``auc`` when only one class is
         present (ROC AUC needs both); ``sen`` without positives, ``spe`` without negatives.
         ``f1`` is 0 when it has no positive prediction and no positive label (scikit-learn
@@ -182,13 +188,17 @@ def classification_scores(
         return {name: (0.0 if name == "n" else math.nan) for name in CLS_METRIC_NAMES}
     pred = (p >= threshold).astype(np.int64)
     both_classes = np.unique(y).size == 2
+    z = np.asarray(logit_diff, dtype=np.float64).reshape(-1)[known] if logit_diff is not None else None
     return {
         "auc": float(roc_auc_score(y, p)) if both_classes else math.nan,
         "acc": float(accuracy_score(y, pred)),
+        "bacc": float(balanced_accuracy_score(y, pred)) if both_classes else math.nan,
         "sen": float(recall_score(y, pred, pos_label=1, labels=[0, 1], zero_division=np.nan)),
         "spe": float(recall_score(y, pred, pos_label=0, labels=[0, 1], zero_division=np.nan)),
         "f1": float(f1_score(y, pred, pos_label=1, labels=[0, 1], zero_division=0)),
         "ece": expected_calibration_error(p, y, threshold, ece_bins),
+        "logit_mean": float(z.mean()) if z is not None else math.nan,
+        "logit_std": float(z.std()) if z is not None else math.nan,
         "n": float(n),
     }
 
@@ -202,11 +212,14 @@ class MetricAccumulator:
     (AUC and ECE are not averages of per-batch values).
     """
 
-    def __init__(self, threshold: float = 0.5, ece_bins: int = ECE_BINS) -> None:
-        self.threshold = threshold
+    def __init__(self, threshold: float | Mapping[str, float] = 0.5, ece_bins: int = ECE_BINS) -> None:
+        """``threshold``: class 1 is predicted at ``prob >= threshold``; one value for every task
+        or ``{task: threshold}`` (e.g. from :class:`common.evaluation.calibration.Calibration`)."""
+        self.thresholds = {t: float(threshold[t] if isinstance(threshold, Mapping) else threshold) for t in TASKS}
         self.ece_bins = ece_bins
         self._seg: dict[str, list[np.ndarray]] = {k: [] for k in SEG_METRIC_KEYS}
         self._prob: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
+        self._logit: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
         self._labels: list[np.ndarray] = []
         self._n_cases = 0
 
@@ -218,6 +231,7 @@ class MetricAccumulator:
         spacing: torch.Tensor,
         cls_probs: Mapping[str, torch.Tensor],
         labels: torch.Tensor,
+        logit_diff: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Add one batch of B cases.
 
@@ -228,6 +242,8 @@ class MetricAccumulator:
             spacing: (B, 3) voxel size in mm.
             cls_probs: ``{task: (B, 2)}`` class probabilities for every task in ``TASKS``.
             labels: (B, len(TASKS)) int, columns in ``TASKS`` order, ``UNKNOWN_LABEL`` unknown.
+            logit_diff: ``{task: (B,)}`` raw logit differences ``z = logit_1 - logit_0`` (for the
+                logit statistics and the calibration statistics), or None.
         """
         labels_np = labels.detach().cpu().numpy().astype(np.int64)
         batch = labels_np.shape[0]
@@ -241,6 +257,8 @@ class MetricAccumulator:
             if probs.shape != (batch, 2):
                 raise ValueError(f"cls_probs[{task!r}] must be (B, 2) = ({batch}, 2), got {tuple(probs.shape)}")
             self._prob[task].append(probs[:, 1].numpy().astype(np.float64))
+            if logit_diff is not None:
+                self._logit[task].append(logit_diff[task].detach().float().cpu().reshape(-1).numpy().astype(np.float64))
         self._labels.append(labels_np)
         self._n_cases += batch
 
@@ -264,13 +282,30 @@ class MetricAccumulator:
         for key, chunks in self._seg.items():
             values = np.concatenate(chunks) if chunks else np.empty(0)
             out[key] = float(values.mean()) if values.size else math.nan
-        labels = np.concatenate(self._labels) if self._labels else np.empty((0, len(TASKS)), dtype=np.int64)
+        labels = self._label_matrix()
         for t, task in enumerate(TASKS):
             probs = np.concatenate(self._prob[task]) if self._prob[task] else np.empty(0)
-            scores = classification_scores(probs, labels[:, t], self.threshold, self.ece_bins)
+            logits = np.concatenate(self._logit[task]) if self._logit[task] else None
+            scores = classification_scores(probs, labels[:, t], self.thresholds[task], self.ece_bins, logits)
             out.update({f"{name}_{task}": value for name, value in scores.items()})
         out["n_cases"] = float(self._n_cases)
         return {key: out[key] for key in METRIC_KEYS}
+
+    def _label_matrix(self) -> np.ndarray:
+        return np.concatenate(self._labels) if self._labels else np.empty((0, len(TASKS)), dtype=np.int64)
+
+    def calibration_statistics(self) -> dict[str, list[float]]:
+        """Per task, the aggregate statistics a site sends for calibration
+        (:func:`common.evaluation.calibration.task_statistics`); needs ``logit_diff`` in :meth:`add`."""
+        labels = self._label_matrix()
+        stats = {}
+        for t, task in enumerate(TASKS):
+            if not self._logit[task]:
+                continue
+            z = np.concatenate(self._logit[task])
+            known = labels[:, t] != UNKNOWN_LABEL
+            stats[task] = task_statistics(z[known], labels[known, t])
+        return statistics_metrics(stats)
 
 
 def summary_score(metrics: Mapping[str, float]) -> float:
@@ -289,3 +324,17 @@ def summary_score(metrics: Mapping[str, float]) -> float:
     aucs = [a for a in (finite(f"auc_{t}") for t in TASKS) if not math.isnan(a)]
     parts: Sequence[float] = [v for v in (finite("dice_wt"), float(np.mean(aucs)) if aucs else math.nan) if not math.isnan(v)]
     return float(np.mean(parts)) if parts else math.nan
+
+
+def selection_score(site_metrics: Mapping[str, Mapping[str, float]]) -> float:
+    """Model-selection score from the sites' *validation* metrics: the mean of each site's
+    :func:`summary_score`, weighted by its validation cases (``n_cases``; 1 when absent). NaN when
+    no site has a score. The held-out center never enters it: it is only reported."""
+    scores, weights = [], []
+    for metrics in site_metrics.values():
+        score = summary_score(metrics)
+        if math.isfinite(score):
+            n = metrics.get("n_cases", 1.0)
+            scores.append(score)
+            weights.append(float(n) if n is not None and math.isfinite(float(n)) and float(n) > 0 else 1.0)
+    return float(np.average(scores, weights=weights)) if scores else math.nan

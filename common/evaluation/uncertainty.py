@@ -52,7 +52,8 @@ def mc_dropout(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def mc_dropout_predict(
-    model: nn.Module, image: torch.Tensor, available: torch.Tensor, passes: int = 10
+    model: nn.Module, image: torch.Tensor, available: torch.Tensor, passes: int = 10,
+    *, spacing: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Mean and standard deviation over ``passes`` stochastic passes of the class probabilities.
 
@@ -60,6 +61,7 @@ def mc_dropout_predict(
         model: ``model(image, available)`` returns an object with ``cls_logits: {task: (B, 2)}``.
         image: (B, 4, S, S, S) float. available: (B, 4) bool.
         passes: number of stochastic forward passes T (MTTU-Net uses 10).
+        spacing: (B, 3) voxel size in mm (tumor volumes of the tumor-aware classifier), or None.
 
     Returns:
         ``(mean, std)``, each ``{task: (B, 2)}``: the mean softmax probabilities and their
@@ -70,7 +72,7 @@ def mc_dropout_predict(
     samples: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad(), mc_dropout(model):
         for _ in range(passes):
-            output = model(image, available)
+            output = model(image, available, spacing) if spacing is not None else model(image, available)
             for task, logits in output.cls_logits.items():
                 samples.setdefault(task, []).append(torch.softmax(logits.float(), dim=-1))
     mean = {task: torch.stack(p).mean(0) for task, p in samples.items()}

@@ -10,8 +10,11 @@ Data flow for a batch of B cases, S sequences, cubic volumes of side N (``img_si
                               conv stages, stride-2 convs), then F5 = transformer over the
                               (N/8)^3 tokens of a 3x3x3 projection of F4 to d_model (MTTU-Net)
       decoder              -> seg logits (B, K, N, N, N)     MTTU-Net up path, skips F3, F2, F1
-      classifier           -> {task: (B, 2)}                 GAP+GMP of F3 and F5, MLP, one head
-                                                             per task; nn.Dropout for MC-dropout
+      classifier           -> {task: (B, 2)}                 F3 and F5 pooled inside the predicted
+                                                             tumor regions + descriptors of the
+                                                             predicted segmentation (or GAP+GMP),
+                                                             MLP, one head per task; nn.Dropout
+                                                             for MC-dropout
       task_weighting       -> learned log-variances (used by client.losses.MultiTaskLoss)
 
 Normalisation is instance norm with affine parameters throughout: batch statistics would be
@@ -25,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.blocks.segresnet_block import ResBlock
 from torch import nn
 
-from common.config import FUSIONS, ModelConfig, choice_error
+from common.config import CLASSIFIER_POOLINGS, FUSIONS, ModelConfig, choice_error
 from common.contract import PARAM_GROUPS, SEG_TERM, SEQUENCES, TASKS
+from common.model.classifier import CLASSIFIERS, scale_gradient
 from common.model.fusion import build_fusion
 from common.model.imputation import CrossSequenceImputer
 from common.model.task_weighting import UncertaintyWeighting
@@ -40,8 +43,6 @@ SPATIAL_DIMS = 3
 #: Instance norm with learnable affine (see module docstring) and MTTU-Net's Leaky ReLU.
 NORM: tuple = ("instance", {"affine": True})
 ACT: tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
-#: Width of each task head's hidden layer (MTTU-Net's classifier is FC 512-32-2).
-HEAD_HIDDEN = 32
 #: The encoder downsamples three times: the transformer works at 1/8 resolution.
 DOWNSAMPLING = 8
 
@@ -194,44 +195,6 @@ class SegmentationDecoder(nn.Module):
         return self.head(x)
 
 
-class MultiScaleClassifier(nn.Module):
-    """MTTU-Net multi-scale classifier: ``concat(GAP(F), GMP(F))`` of several feature maps,
-    dropout, a shared MLP trunk, then one small head per task (``heads.<task>`` -> (B, 2)).
-    MC-dropout (``common.evaluation.uncertainty.mc_dropout``) switches these ``nn.Dropout`` layers on.
-
-    Args:
-        in_channels: channels of each pooled feature map.
-        hidden: trunk width.
-        tasks: task names (one head each).
-        dropout: dropout probability (``nn.Dropout``, so MC-dropout can switch it on).
-    """
-
-    def __init__(self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float) -> None:
-        super().__init__()
-        pooled = 2 * sum(in_channels)  # GAP + GMP of every map
-        self.trunk = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(pooled, hidden),
-            nn.LeakyReLU(0.01),
-            nn.Dropout(dropout),
-        )
-        self.heads = nn.ModuleDict(
-            {
-                task: nn.Sequential(nn.Linear(hidden, HEAD_HIDDEN), nn.LeakyReLU(0.01), nn.Linear(HEAD_HIDDEN, 2))
-                for task in tasks
-            }
-        )
-
-    def forward(self, maps: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``maps``: feature maps (B, C_i, ...) -> {task: (B, 2) logits}."""
-        pooled = []
-        for m in maps:
-            pooled.append(F.adaptive_avg_pool3d(m, 1).flatten(1))
-            pooled.append(F.adaptive_max_pool3d(m, 1).flatten(1))
-        shared = self.trunk(torch.cat(pooled, dim=1))
-        return {task: head(shared) for task, head in self.heads.items()}
-
-
 def _check_args(
     img_size: int,
     in_sequences: int,
@@ -241,6 +204,8 @@ def _check_args(
     dropouts: dict[str, float],
     fusion: str,
     tasks: Sequence[str],
+    classifier_pooling: str = "tumor",
+    cls_encoder_grad: float = 1.0,
 ) -> None:
     """Fail fast, naming the argument, its value and the fix."""
     if img_size < 2 * DOWNSAMPLING or img_size % DOWNSAMPLING:
@@ -263,6 +228,10 @@ def _check_args(
             raise ValueError(f"{name}={value} must be in [0, 1)")
     if fusion not in FUSIONS:
         raise choice_error("fusion (model.fusion)", fusion, FUSIONS)
+    if classifier_pooling not in CLASSIFIER_POOLINGS:
+        raise choice_error("classifier pooling (model.classifier_pooling)", classifier_pooling, CLASSIFIER_POOLINGS)
+    if not 0.0 <= cls_encoder_grad <= 1.0:
+        raise ValueError(f"cls_encoder_grad={cls_encoder_grad} must be in [0, 1] (model.cls_encoder_grad)")
     if not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be a non-empty list of distinct names, got {tuple(tasks)}")
     for task in tasks:
@@ -296,6 +265,10 @@ class MultiTaskGliomaNet(nn.Module):
         fusion: "weighted" (GMMAS eq. 1) or "experts" (GMENet DWEFM).
         imputation: add the generative imputer (GMENet CGGM) for missing sequences.
         classifier_hidden: width of the classifier's shared trunk.
+        classifier_pooling: "tumor" (pooled inside the predicted tumor regions, plus descriptors of
+            the predicted segmentation) or "global" (whole-volume GAP+GMP, MTTU-Net).
+        cls_encoder_grad: factor on the classification gradient that reaches the shared encoder
+            (1 = unchanged, 0 = the encoder learns from segmentation only).
         num_seg_classes: segmentation classes K (background, NCR, ED, ET).
         tasks: classification tasks, one head each.
     """
@@ -314,6 +287,8 @@ class MultiTaskGliomaNet(nn.Module):
         fusion: str = "weighted",
         imputation: bool = False,
         classifier_hidden: int = 64,
+        classifier_pooling: str = "tumor",
+        cls_encoder_grad: float = 1.0,
         num_seg_classes: int = 4,
         tasks: Sequence[str] = TASKS,
     ) -> None:
@@ -335,12 +310,15 @@ class MultiTaskGliomaNet(nn.Module):
             {"dropout": dropout, "feature_dropout": feature_dropout},
             fusion,
             tasks,
+            classifier_pooling,
+            cls_encoder_grad,
         )
         self.img_size = img_size
         self.in_sequences = in_sequences
         self.stem_channels = stem_channels
         self.tasks = tasks
         self.imputation = imputation
+        self.cls_encoder_grad = cls_encoder_grad
 
         self.stems = nn.ModuleList([_conv(1, stem_channels) for _ in range(in_sequences)])
         if imputation:
@@ -353,7 +331,7 @@ class MultiTaskGliomaNet(nn.Module):
         self.decoder = SegmentationDecoder(widths, d_model, num_seg_classes)
         # MTTU-Net pools levels 4 and 5; here the 1/4 level (F3) and the transformer output (F5),
         # so that the two pooled scales really differ (F4 and F5 share the 1/8 grid).
-        self.classifier = MultiScaleClassifier([widths[2], d_model], classifier_hidden, tasks, dropout)
+        self.classifier = CLASSIFIERS[classifier_pooling]([widths[2], d_model], classifier_hidden, tasks, dropout)
         self.task_weighting = UncertaintyWeighting((SEG_TERM, *tasks))
 
     # ---------------------------------------------------------------- checks
@@ -396,13 +374,22 @@ class MultiTaskGliomaNet(nn.Module):
             raise ValueError("no case in the batch has any available sequence")
         return features
 
-    def forward_from_sequence_features(self, features: torch.Tensor, available: torch.Tensor) -> GliomaOutput:
+    def forward_from_sequence_features(
+        self,
+        features: torch.Tensor,
+        available: torch.Tensor,
+        *,
+        brain: torch.Tensor | None = None,
+        spacing: torch.Tensor | None = None,
+    ) -> GliomaOutput:
         """Everything after the stems: [imputation], fusion, encoder and heads.
 
         Args:
             features: (B, S, C_stem, N, N, N) stem features, zero where missing
                 (as from :meth:`encode_sequences`).
             available: (B, S) bool.
+            brain: (B, N, N, N) bool brain mask for the tumor location descriptors (None: the grid).
+            spacing: (B, 3) voxel size in mm for the tumor volumes in mL (None: 1 mm).
         """
         available = available.bool()
         aux: dict[str, torch.Tensor] = {}
@@ -414,15 +401,22 @@ class MultiTaskGliomaNet(nn.Module):
             available = torch.ones_like(available)
         fused = self.fusion(features, available)
         encoded = self.encoder(fused)
+        seg_logits = self.decoder(encoded)
+        maps = [scale_gradient(m, self.cls_encoder_grad) for m in (encoded.levels[2], encoded.bottleneck)]
         return GliomaOutput(
-            seg_logits=self.decoder(encoded),
-            cls_logits=self.classifier([encoded.levels[2], encoded.bottleneck]),
+            seg_logits=seg_logits,
+            cls_logits=self.classifier(maps, seg_logits, brain, spacing),
             aux=aux,
         )
 
-    def forward(self, image: torch.Tensor, available: torch.Tensor) -> GliomaOutput:
-        """``image`` (B, S, N, N, N) float, ``available`` (B, S) bool -> :class:`GliomaOutput`."""
-        return self.forward_from_sequence_features(self.encode_sequences(image, available), available)
+    def forward(
+        self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None = None
+    ) -> GliomaOutput:
+        """``image`` (B, S, N, N, N) float, ``available`` (B, S) bool, ``spacing`` (B, 3) mm of the
+        grid (None: 1 mm; only the tumor volumes in mL use it) -> :class:`GliomaOutput`."""
+        features = self.encode_sequences(image, available)
+        brain = (image != 0).any(dim=1)
+        return self.forward_from_sequence_features(features, available, brain=brain, spacing=spacing)
 
     # ------------------------------------------------------------ parameters
     def param_groups(self) -> dict[str, list[str]]:
@@ -462,4 +456,6 @@ def build_model(cfg: ModelConfig, img_size: int, *, seed: int | None = None) -> 
         fusion=cfg.fusion,
         imputation=cfg.imputation,
         classifier_hidden=cfg.classifier_hidden,
+        classifier_pooling=cfg.classifier_pooling,
+        cls_encoder_grad=cfg.cls_encoder_grad,
     )

@@ -52,16 +52,19 @@ class UncertaintyWeighting(nn.Module):
                 terms must be left out, so their log-variance gets no regulariser gradient).
             mode: "uncertainty" (learned weights) or "equal" (plain sum).
         """
-        if mode not in TASK_WEIGHTINGS:
-            raise choice_error("task weighting", mode, TASK_WEIGHTINGS)
         if not losses:
             raise ValueError("UncertaintyWeighting got no loss terms to combine")
-        terms = []
-        for name, loss in losses.items():
-            loss = loss.float()
-            if mode == "equal":
-                terms.append(loss)
-            else:
-                s = self.log_variance(name).float()
-                terms.append(torch.exp(-s) * loss + s)
-        return torch.stack(terms).sum()
+        weighted = self.weighted_terms(losses, mode)
+        if mode == "equal":
+            return torch.stack(list(weighted.values())).sum()
+        regulariser = torch.stack([self.log_variance(name).float() for name in losses]).sum()
+        return torch.stack(list(weighted.values())).sum() + regulariser
+
+    def weighted_terms(self, losses: Mapping[str, torch.Tensor], mode: str = "uncertainty") -> dict[str, torch.Tensor]:
+        """``{name: exp(-s) * loss}`` (``{name: loss}`` with ``mode="equal"``), without the ``s``
+        regulariser: the part of the total through which each term reaches the shared weights."""
+        if mode not in TASK_WEIGHTINGS:
+            raise choice_error("task weighting", mode, TASK_WEIGHTINGS)
+        if mode == "equal":
+            return {name: loss.float() for name, loss in losses.items()}
+        return {name: torch.exp(-self.log_variance(name).float()) * loss.float() for name, loss in losses.items()}

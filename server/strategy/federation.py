@@ -23,8 +23,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from common.contract import TASKS
 from server.errors import FederationError, NodeWaitTimeout
 from server.schedule import RoundSchedule
+from server.strategy.heads import average_heads
 from server.strategy.screening import check_arrays, check_metrics, record_to_dict, site_name
 
 
@@ -37,6 +39,9 @@ class FederationMixin:
         self.node_wait_s = node_wait_s
         self.sites: dict[int, str] = {}
         self._reference: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._current: ArrayRecord | None = None  # the global model a round starts from
+        # each site's latest class counts per task ({site: {task: [n_0, n_1]}}), for class weights
+        self.class_counts: dict[str, dict[str, list[float]]] = {}
         self.reset_round()
 
     # ------------------------------------------------------------- round log
@@ -87,9 +92,21 @@ class FederationMixin:
         self.wait_for_nodes(grid)
         self._phase_start["train"] = time.monotonic()
         self._reference = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
-        round_config = ConfigRecord({**config, **self.schedule.train_config(server_round)})
+        self._current = arrays
+        round_config = ConfigRecord({**config, **self.schedule.train_config(server_round), **self.federation_class_counts()})
         log(INFO, "round %d: stage %s", self.schedule.global_round(server_round), round_config["stage"])
         return super().configure_train(server_round, arrays, round_config, grid)  # type: ignore[misc]
+
+    def federation_class_counts(self) -> dict[str, list[float]]:
+        """``{"class-count-<task>": [n_0, n_1]}`` summed over the sites' latest replies (empty before
+        any site replied): every site then weighs the classes by the federation's balance."""
+        totals: dict[str, list[float]] = {}
+        for counts in self.class_counts.values():
+            for task, pair in counts.items():
+                total = totals.setdefault(f"class-count-{task}", [0.0, 0.0])
+                total[0] += pair[0]
+                total[1] += pair[1]
+        return totals
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -129,13 +146,8 @@ class FederationMixin:
                 log(INFO, "site %s had no case for this stage; its reply is not averaged", name)
                 continue
             kept.append(reply)
-        if train and kept:
-            # Flower needs identical metric keys across replies; keep the common ones.
-            common = set.intersection(*(set(next(iter(m.content.metric_records.values())).keys()) for m in kept))
-            for reply in kept:
-                record = next(iter(reply.content.metric_records.values()))
-                for key in set(record.keys()) - common:
-                    del record[key]
+        if train:
+            keep_common_metric_keys(kept)
         return kept
 
     def aggregate_train(
@@ -146,7 +158,12 @@ class FederationMixin:
         kept = self._screen(replies, train=True)
         for reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
-            self.train_metrics[site_name(reply, self.sites)] = record_to_dict(metrics)
+            name = site_name(reply, self.sites)
+            self.train_metrics[name] = record_to_dict(metrics)
+            counts = {t: [float(metrics.get(f"count_{t}_{c}", 0.0)) for c in (0, 1)] for t in TASKS
+                      if f"count_{t}_0" in metrics}
+            if counts:
+                self.class_counts[name] = counts
         if not kept and not self.failures and not self.rejected:
             log(WARNING, "round %d: no site had a case for this stage; the global model is unchanged",
                 self.schedule.global_round(server_round))
@@ -157,7 +174,10 @@ class FederationMixin:
                 f"(failures: {self.failures or 'none'}; rejected: {self.rejected or 'none'}). "
                 "Read the site logs (SuperNode) for the cause."
             )
-        return super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        if arrays is not None and self._current is not None:
+            arrays = average_heads(arrays, kept, self._current)
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         self._mark("site_eval")
@@ -167,4 +187,16 @@ class FederationMixin:
             self.eval_metrics[site_name(reply, self.sites)] = record_to_dict(metrics)
         if not kept:
             return None
+        keep_common_metric_keys(kept)  # e.g. calibration statistics only some sites had cases for
         return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
+
+
+def keep_common_metric_keys(replies: list[Message]) -> None:
+    """Flower needs identical metric keys across the replies it averages: drop the others."""
+    if not replies:
+        return
+    common = set.intersection(*(set(next(iter(m.content.metric_records.values())).keys()) for m in replies))
+    for reply in replies:
+        record = next(iter(reply.content.metric_records.values()))
+        for key in set(record.keys()) - common:
+            del record[key]

@@ -37,7 +37,7 @@ class FakeGliomaNet(nn.Module):
         self.seg_head = nn.Conv3d(8, 4, 1)
         self.heads = nn.ModuleDict({task: nn.Linear(8, 2) for task in TASKS})
 
-    def forward(self, image: torch.Tensor, available: torch.Tensor) -> SimpleNamespace:
+    def forward(self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None = None) -> SimpleNamespace:
         features = torch.relu(self.norm(self.stem(image * available[:, :, None, None, None])))
         # 4^3 tokens keep attention cheap on CPU.
         tokens = self.transformer(nn.functional.adaptive_avg_pool3d(features, 4).flatten(2).transpose(1, 2))
@@ -185,7 +185,7 @@ def test_evaluate_oracle_model_scores_perfect_segmentation_and_known_classificat
 
 def test_evaluate_segmentation_reflects_a_wrong_prediction() -> None:
     class Shifted(FakeGliomaNet):
-        def forward(self, image, available):  # predicts the tumor 2 voxels off
+        def forward(self, image, available, spacing=None):  # predicts the tumor 2 voxels off
             return super().forward(torch.roll(image, shifts=2, dims=2), available)
 
     metrics = evaluate(Shifted(oracle=True), oracle_loader())

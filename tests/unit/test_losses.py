@@ -147,10 +147,12 @@ def test_class_weights_from_labels() -> None:
 
     weights = class_weights_from_labels(labels)
 
-    # idh: 3 x class 0, 1 x class 1 -> N / (2 n_c) = 4/6, 4/2.
-    torch.testing.assert_close(weights[0], torch.tensor([4 / 6, 2.0]))
-    torch.testing.assert_close(weights[1], torch.ones(2))  # no labels at all
-    torch.testing.assert_close(weights[2], torch.ones(2))  # a single class seen
+    # add-one smoothed "balanced" weights (N + 2) / (2 (n_c + 1))
+    # idh: 3 x class 0, 1 x class 1 -> 6/8, 6/4.
+    torch.testing.assert_close(weights[0], torch.tensor([0.75, 1.5]))
+    torch.testing.assert_close(weights[1], torch.ones(2))  # no labels at all: nothing to rebalance
+    # a single class seen: the unseen class weighs most, the task does not fall back to ones
+    torch.testing.assert_close(weights[2], torch.tensor([3.0, 6 / 10]))
     torch.testing.assert_close(weights[3], torch.ones(2))  # balanced
     torch.testing.assert_close(class_weights_from_labels(torch.from_numpy(labels)), weights)
     with pytest.raises(ValueError, match="values \\[2\\]"):

@@ -22,16 +22,22 @@ def state(value: float) -> dict[str, torch.Tensor]:
     return {"w": torch.full((2,), value)}
 
 
-def test_rounds_checkpoints_and_best_selection(tmp_path) -> None:
+def test_rounds_checkpoints_and_best_selection_on_site_validation_only(tmp_path) -> None:
     folder = RunFolder(tmp_path / "run", compose())
-    for r, (dice, auc) in enumerate([(0.1, 0.5), (0.6, 0.7), (0.4, 0.6)]):
-        folder.record_round(r, heldout=heldout(dice, auc), sites={"site-a": {"dice_wt": dice}})
-        folder.save_checkpoint(r, state(float(r)), heldout(dice, auc))
+    # (validation score of the sites, held-out dice, held-out auc): the held-out center peaks at
+    # round 2, the sites' validation at round 1; best.pt must follow the sites.
+    rounds = [(float("nan"), 0.1, 0.5), (0.7, 0.4, 0.6), (0.5, 0.9, 0.9)]
+    for r, (score, dice, auc) in enumerate(rounds):
+        folder.record_round(r, heldout=heldout(dice, auc), sites={"site-a": {"dice_wt": dice, "cal_nll_idh": [1.0]}},
+                            extra={"selection_score": score})
+        folder.save_checkpoint(r, state(float(r)), score)
     final = folder.finalize()
     saved = json.loads((tmp_path / "run/metrics.json").read_text())
     assert [r["round"] for r in saved["rounds"]] == [0, 1, 2]
     assert saved["rounds"][0]["heldout"]["auc_mgmt"] is None  # NaN written as JSON null
     assert final["best_round"] == 1 and saved["final"]["round"] == 2
+    assert "held-out center is only reported" in final["selection"]
+    assert "cal_nll_idh" not in saved["rounds"][1]["sites"]["site-a"]  # calibration statistics stay out
     best = load_checkpoint(tmp_path / "run/checkpoints/best.pt")
     assert best["round"] == 1 and torch.equal(best["state_dict"]["w"], state(1.0)["w"])
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["round"] == 2
@@ -45,7 +51,7 @@ def test_resume_continues_after_last_checkpoint_and_drops_later_history(tmp_path
     for r in range(3):
         folder.record_round(r, heldout=heldout(0.1 * r, 0.5))
         if r < 2:  # the process died after writing metrics of round 2, before its checkpoint
-            folder.save_checkpoint(r, state(float(r)), heldout(0.1 * r, 0.5))
+            folder.save_checkpoint(r, state(float(r)), 0.1 * r)
     again = RunFolder(tmp_path / "run", cfg, resume=True)
     resumed = again.resume_state()
     assert resumed is not None and resumed.next_round == 2
@@ -67,8 +73,21 @@ def test_resume_with_a_different_model_is_refused(tmp_path) -> None:
         RunFolder(tmp_path / "run", compose(["model=demo"]))
 
 
-def test_summary_score_ignores_missing_aucs() -> None:
-    from server.run_folder import summary_score
+def test_selection_score_weighs_sites_by_validation_cases_and_ignores_missing_aucs() -> None:
+    from common.evaluation.metrics import selection_score
 
-    score = summary_score(heldout(0.6, 0.8))
-    assert math.isclose(score, (0.6 + 0.8) / 2)
+    a = {**heldout(0.6, 0.8), "n_cases": 3.0}
+    b = {**heldout(0.2, 0.4), "n_cases": 1.0}
+    assert math.isclose(selection_score({"a": a}), (0.6 + 0.8) / 2)
+    assert math.isclose(selection_score({"a": a, "b": b}), (3 * 0.7 + 1 * 0.3) / 4)
+    assert math.isnan(selection_score({}))
+
+
+def test_without_validation_scores_best_follows_the_last_round(tmp_path) -> None:
+    folder = RunFolder(tmp_path / "run", compose())
+    for r in range(3):
+        folder.record_round(r, heldout=heldout(0.9 - 0.1 * r, 0.9))  # held-out best at round 0
+        folder.save_checkpoint(r, state(float(r)), float("nan"))
+    final = folder.finalize()
+    assert final["best_round"] == 2 and "no validation metrics" in final["selection"]
+    assert load_checkpoint(tmp_path / "run/checkpoints/best.pt")["round"] == 2

@@ -123,3 +123,35 @@ def test_waiting_for_sites_is_bounded() -> None:
     strategy = make_strategy(min_nodes=3, node_wait_s=0.5)
     with pytest.raises(NodeWaitTimeout, match="only 1 of 3 sites"):
         list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), FakeGrid([1])))
+
+
+def head_reply(node: int, site: str, head: float, trunk: float, n: float, labeled_idh: float) -> Message:
+    instruction = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
+    arrays = ArrayRecord({
+        "classifier": Array(np.full(3, trunk, np.float32)),
+        "classifier.heads.idh": Array(np.full(2, head, np.float32)),
+        "classifier.heads.mgmt": Array(np.full(2, head, np.float32)),
+    })
+    metrics = MetricRecord({"num-examples": n, "labeled_idh": labeled_idh, "labeled_mgmt": 0.0,
+                            "count_idh_0": labeled_idh / 2, "count_idh_1": labeled_idh / 2})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site})}),
+                   reply_to=instruction)
+
+
+def test_each_head_is_averaged_over_the_sites_labeled_for_its_task() -> None:
+    strategy = make_strategy()
+    current = ArrayRecord({"classifier": Array(np.zeros(3, np.float32)),
+                           "classifier.heads.idh": Array(np.zeros(2, np.float32)),
+                           "classifier.heads.mgmt": Array(np.full(2, 7.0, np.float32))})
+    list(strategy.configure_train(1, current, ConfigRecord({}), FakeGrid([1, 2])))
+    arrays, _ = strategy.aggregate_train(1, [
+        head_reply(1, "site-a", head=1.0, trunk=1.0, n=30, labeled_idh=0),  # no IDH label at site-a
+        head_reply(2, "site-b", head=5.0, trunk=5.0, n=10, labeled_idh=10),
+    ])
+    assert np.allclose(arrays["classifier"].numpy(), (1.0 * 30 + 5.0 * 10) / 40)  # trunk: FedAvg
+    assert np.allclose(arrays["classifier.heads.idh"].numpy(), 5.0)  # only site-b had IDH labels
+    assert np.allclose(arrays["classifier.heads.mgmt"].numpy(), 7.0)  # nobody had MGMT labels: kept
+    # the sites' class counts come back summed in the next round's config (federation-wide weights)
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord({}), FakeGrid([1, 2])))
+    config = messages[0].content["config"]
+    assert list(config["class-count-idh"]) == [5.0, 5.0]

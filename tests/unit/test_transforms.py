@@ -193,3 +193,22 @@ def test_label_matrix_needs_no_images(tmp_path: Path) -> None:
              for i in range(3)]
     dataset = SiteDataset(cases, DataConfig(size=16, cache=False), train=False)
     np.testing.assert_array_equal(dataset.label_matrix(), [[0, -1, 1, 0], [1, -1, 1, 0], [0, -1, 1, 0]])
+
+
+def test_training_flips_only_left_right(tmp_path: Path) -> None:
+    """A-P and S-I carry where the tumor is (frontal = an IDH-mutant cue): only L-R may flip."""
+    n = 16
+    image = np.zeros((n, n, n), np.float32)
+    image[1:15, 1:15, 1:15] = 100.0
+    seg = np.zeros((n, n, n), np.uint8)
+    seg[10:13, 10:13, 10:13] = 2  # right, anterior, superior (identity affine = RAS)
+    files = {"t1": write_nifti(tmp_path / "t1.nii.gz", image), "seg": write_nifti(tmp_path / "seg.nii.gz", seg)}
+    pipeline = build_transforms(n, train=True)
+    sides = set()
+    for seed in range(16):
+        pipeline.set_random_state(seed=seed)
+        out = pipeline({**files, "labels": np.zeros(len(TASKS), np.int64), "index": 0})
+        centroid = np.argwhere(out["seg"][0].numpy() > 0).mean(0) - (n - 1) / 2
+        assert centroid[1] > 0 and centroid[2] > 0, centroid  # still anterior and superior
+        sides.add(bool(centroid[0] > 0))
+    assert sides == {True, False}  # left-right does flip

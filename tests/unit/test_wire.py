@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from common.config import compose
+from common.contract import TASKS
 from common.model import build_model
 from common.wire import WireFormatError, pack_state, unpack_state
 
@@ -19,7 +20,8 @@ def model():
 def test_round_trip_is_exact_and_grouped(model):
     state = model.state_dict()
     record = pack_state(state)
-    assert set(record.keys()) == {k.split(".")[0] for k in state}  # one vector per group
+    # one vector per group; each task head of the classifier is a group of its own
+    assert set(record.keys()) == {k.split(".")[0] for k in state} | {f"classifier.heads.{t}" for t in TASKS}
     assert len(record) < len(state) // 10
     back = unpack_state(record, state)
     assert list(back) == list(state)

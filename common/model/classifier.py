@@ -1,0 +1,187 @@
+"""Molecular-marker classifiers: tumor-aware (default) or whole-volume pooling.
+
+MTTU-Net's argument is that genotype features should come from the tumor region. The
+:class:`TumorAwareClassifier` therefore pools the encoder's feature maps with weights from the
+*predicted* tumor regions (soft WT/TC/ET probabilities of the segmentation head) at two scales, and
+adds descriptors of the predicted segmentation a neuro-radiologist would read: region volumes in
+mL, sub-region fractions, the tumor's centroid in brain-normalized coordinates and its extent.
+Pooling the whole field of view instead (:class:`GlobalPoolClassifier`, MTTU-Net's GAP+GMP) lets
+scanner differences (gamma, noise, slice thickness) reach the heads as much as the tumor does; it
+stays selectable (``model.classifier_pooling=global``) for the ablation.
+
+Both return ``{task: (B, 2)}`` logits and keep their dropout in ``nn.Dropout`` layers, so
+MC-dropout (:mod:`common.evaluation.uncertainty`) switches them on.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.contract import ET, NCR
+
+#: Width of each task head's hidden layer (MTTU-Net's classifier is FC 512-32-2).
+HEAD_HIDDEN = 32
+#: Tumor regions the pooling weights come from, as in the BraTS evaluation: WT, TC, ET.
+POOL_REGIONS = ("wt", "tc", "et")
+#: Descriptors of the predicted segmentation, in this order (see :func:`tumor_descriptors`).
+DESCRIPTORS = (
+    "log_ml_wt", "log_ml_tc", "log_ml_et",  # log(1 + volume in mL)
+    "frac_et_tc", "frac_ncr_tc", "frac_tc_wt",  # sub-region fractions
+    "centroid_x", "centroid_y", "centroid_z",  # WT centroid, brain box mapped to [-1, 1] (RAS axes)
+    "extent",  # spatial std of WT around its centroid, in units of the brain box's half-size
+)
+EPS = 1e-6
+
+
+def region_probabilities(seg_logits: torch.Tensor) -> torch.Tensor:
+    """Soft WT, TC, ET maps (B, 3, N, N, N) from segmentation logits (B, 4, N, N, N)
+    (background, NCR, ED, ET): WT = p(NCR)+p(ED)+p(ET), TC = p(NCR)+p(ET), ET = p(ET)."""
+    p = torch.softmax(seg_logits.float(), dim=1)
+    wt = 1.0 - p[:, 0]
+    tc = p[:, NCR] + p[:, ET]
+    return torch.stack([wt, tc, p[:, ET]], dim=1)
+
+
+def tumor_descriptors(
+    regions: torch.Tensor, seg_logits: torch.Tensor, brain: torch.Tensor | None, spacing: torch.Tensor | None
+) -> torch.Tensor:
+    """Descriptors of the predicted segmentation (B, len(DESCRIPTORS)), see :data:`DESCRIPTORS`.
+
+    Args:
+        regions: (B, 3, N, N, N) soft WT/TC/ET maps (:func:`region_probabilities`).
+        seg_logits: (B, 4, N, N, N) segmentation logits (for the NCR share of the core).
+        brain: (B, N, N, N) bool brain mask (where any input channel is non-zero: the data layer
+            z-scores brain voxels only and zero-pads the rest), or None for the whole grid.
+        spacing: (B, 3) voxel size in mm of the network grid, or None for 1 mm.
+    """
+    b = regions.shape[0]
+    grid = regions.shape[2:]
+    voxel_ml = (
+        spacing.float().prod(dim=1) / 1000.0 if spacing is not None else regions.new_full((b,), 1e-3)
+    )
+    volumes = regions.flatten(2).sum(-1)  # (B, 3) expected voxel counts of WT, TC, ET
+    ml = volumes * voxel_ml[:, None]
+    ncr = torch.softmax(seg_logits.float(), dim=1)[:, NCR].flatten(1).sum(-1)
+    wt, tc, et = volumes.unbind(1)
+    fractions = torch.stack([et / (tc + EPS), ncr / (tc + EPS), tc / (wt + EPS)], dim=1).clamp(0.0, 1.0)
+
+    # Brain box in voxel coordinates -> [-1, 1] per axis, so location is comparable across cases.
+    axes = [torch.linspace(-1.0, 1.0, n, device=regions.device) for n in grid]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).flatten(1)  # (3, V)
+    brain = (brain.flatten(1) if brain is not None else regions.new_ones((b, coords.shape[1]))).float()  # (B, V)
+    lo = torch.where(brain[:, None] > 0, coords[None], coords.new_tensor(2.0)).amin(-1)  # (B, 3)
+    hi = torch.where(brain[:, None] > 0, coords[None], coords.new_tensor(-2.0)).amax(-1)
+    empty = brain.sum(-1) == 0
+    lo = torch.where(empty[:, None], torch.full_like(lo, -1.0), lo)
+    hi = torch.where(empty[:, None], torch.full_like(hi, 1.0), hi)
+    centre, half = (lo + hi) / 2, ((hi - lo) / 2).clamp_min(EPS)
+    w = regions[:, 0].flatten(1)  # WT weights (B, V)
+    mass = w.sum(-1, keepdim=True) + EPS
+    centroid = (w[:, None] * coords[None]).sum(-1) / mass  # (B, 3)
+    spread = (w[:, None] * (coords[None] - centroid[..., None]) ** 2).sum(-1) / mass  # (B, 3)
+    extent = (spread.sqrt() / half).mean(dim=1, keepdim=True)
+    centroid = ((centroid - centre) / half).clamp(-1.5, 1.5)
+    return torch.cat([torch.log1p(ml), fractions, centroid, extent], dim=1)
+
+
+def region_pool(features: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Average of ``features`` (B, C, n, n, n) under each soft region map and over the whole map:
+    (B, C * (len(regions) + 1)). ``regions`` (B, R, N, N, N) is area-resized to the feature grid."""
+    weights = F.adaptive_avg_pool3d(regions, features.shape[2:])  # (B, R, n, n, n)
+    flat = features.flatten(2)  # (B, C, V)
+    w = weights.flatten(2)  # (B, R, V)
+    pooled = torch.einsum("bcv,brv->brc", flat, w) / (w.sum(-1, keepdim=True) + EPS)  # (B, R, C)
+    return torch.cat([pooled.flatten(1), flat.mean(-1)], dim=1)
+
+
+class _Heads(nn.Module):
+    """Dropout, a shared MLP trunk, then one small head per task (``heads.<task>`` -> (B, 2)).
+
+    Each head is its own parameter group on the wire (``classifier.heads.<task>``), so the server
+    can average it over the sites that have labels for that task.
+    """
+
+    def __init__(self, in_features: int, hidden: int, tasks: Sequence[str], dropout: float) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(in_features, hidden),
+            nn.LeakyReLU(0.01),
+            nn.Dropout(dropout),
+        )
+        self.heads = nn.ModuleDict(
+            {
+                task: nn.Sequential(nn.Linear(hidden, HEAD_HIDDEN), nn.LeakyReLU(0.01), nn.Linear(HEAD_HIDDEN, 2))
+                for task in tasks
+            }
+        )
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        shared = self.trunk(features)
+        return {task: head(shared) for task, head in self.heads.items()}
+
+
+class GlobalPoolClassifier(_Heads):
+    """MTTU-Net's multi-scale classifier: ``concat(GAP(F), GMP(F))`` of each feature map.
+
+    Args:
+        in_channels: channels of each pooled feature map.
+        hidden: trunk width.
+        tasks: task names (one head each).
+        dropout: dropout probability.
+    """
+
+    def __init__(self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float) -> None:
+        super().__init__(2 * sum(in_channels), hidden, tasks, dropout)
+
+    def forward(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None = None,
+                spacing: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``maps``: feature maps (B, C_i, ...); the other arguments are unused here."""
+        pooled = []
+        for m in maps:
+            pooled.append(F.adaptive_avg_pool3d(m, 1).flatten(1))
+            pooled.append(F.adaptive_max_pool3d(m, 1).flatten(1))
+        return super().forward(torch.cat(pooled, dim=1))
+
+
+class TumorAwareClassifier(_Heads):
+    """Tumor-region pooling at several scales plus segmentation descriptors (module docstring).
+
+    The region maps and descriptors are computed from the segmentation head's output with the
+    gradient stopped: classification reads the segmentation, it does not reshape it.
+
+    Args:
+        in_channels: channels of each pooled feature map.
+        hidden: trunk width.
+        tasks: task names (one head each).
+        dropout: dropout probability.
+    """
+
+    def __init__(self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float) -> None:
+        pooled = sum(in_channels) * (len(POOL_REGIONS) + 1)
+        super().__init__(pooled + len(DESCRIPTORS), hidden, tasks, dropout)
+
+    def forward(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None = None,
+                spacing: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``maps`` (B, C_i, n_i^3); ``seg_logits`` (B, 4, N^3); ``brain`` (B, N^3) bool or None;
+        ``spacing`` (B, 3) mm or None -> ``{task: (B, 2)}``."""
+        seg_logits = seg_logits.detach()
+        regions = region_probabilities(seg_logits)
+        pooled = [region_pool(m.float(), regions) for m in maps]
+        descriptors = tumor_descriptors(regions, seg_logits, brain, spacing)
+        return super().forward(torch.cat([*pooled, descriptors], dim=1))
+
+
+CLASSIFIERS = {"tumor": TumorAwareClassifier, "global": GlobalPoolClassifier}
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; the gradient flowing back through ``x`` is multiplied by ``factor``
+    (used to balance the classification gradient into the shared encoder against segmentation's)."""
+    if factor == 1.0:
+        return x
+    return x * factor + x.detach() * (1.0 - factor)
