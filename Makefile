@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl clean
+.PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-missing: $(STAMP)
 
 bench-ssl: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_ssl.py $(ARGS)
+
+bench-cls: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_cls.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -100,6 +100,7 @@ class MultiTaskLoss(nn.Module):
             default all ones. Not used by balanced softmax, which corrects the imbalance itself.
         class_counts: (T, 2) per-task class counts of the training labels (balanced softmax).
         task_weighting: "uncertainty" (Kendall) or "equal".
+        segmentation: False leaves the segmentation term out (classification-only training).
     """
 
     def __init__(
@@ -110,8 +111,10 @@ class MultiTaskLoss(nn.Module):
         class_weights: torch.Tensor | None = None,
         class_counts: torch.Tensor | None = None,
         task_weighting: str = "uncertainty",
+        segmentation: bool = True,
     ) -> None:
         super().__init__()
+        self.train_segmentation = segmentation
 
         self.tasks = tuple(tasks)
         for task in self.tasks:
@@ -202,7 +205,7 @@ class MultiTaskLoss(nn.Module):
     ) -> LossResult:
         """Loss of one batch (see the module docstring for the batch keys used)."""
         present: dict[str, torch.Tensor] = {}
-        seg = self.segmentation(output.seg_logits, batch["seg"], batch["has_seg"])
+        seg = self.segmentation(output.seg_logits, batch["seg"], batch["has_seg"]) if self.train_segmentation else None
         if seg is not None:
             present[SEG_TERM] = seg
         labels = batch["labels"].long()

@@ -115,6 +115,7 @@ class LocalTrainer:
             class_weights=class_weights_from_counts(counts),
             class_counts=torch.as_tensor(counts).float(),
             task_weighting=cfg.train.task_weighting,
+            segmentation=cfg.train.segmentation,
         ).to(device)
         self.use_amp = cfg.train.amp and device.type == "cuda"
 

@@ -28,10 +28,10 @@ def head_group(task: str) -> str:
 
 def group_of(name: str) -> str:
     """The parameter group of a state-dict key: its top-level module (``encoder.stages.0.w`` ->
-    ``encoder``), except that each task head of the classifier is a group of its own
-    (``classifier.heads.idh.0.weight`` -> ``classifier.heads.idh``)."""
+    ``encoder``), except that the task-specific parameters of the classifier form one group per
+    task (``classifier.heads.idh.0.weight``, ``classifier.direct.idh.weight`` -> ``classifier.heads.idh``)."""
     parts = name.split(".")
-    if len(parts) > 3 and parts[0] == "classifier" and parts[1] == "heads":
+    if len(parts) > 3 and parts[0] == "classifier" and parts[1] in ("heads", "direct"):
         return head_group(parts[2])
     return parts[0]
 

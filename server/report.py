@@ -24,7 +24,7 @@ HELDOUT_PLOTS: dict[str, tuple[str, ...]] = {
 }
 FINAL_TABLE_KEYS: tuple[str, ...] = (
     "dice_wt", "dice_tc", "dice_et", "hd95_wt",
-    *(f"auc_{t}" for t in TASKS), *(f"acc_{t}" for t in TASKS), "n_cases",
+    *(f"auc_{t}" for t in TASKS), *(f"bacc_{t}" for t in TASKS), "n_cases",
 )
 
 
@@ -121,6 +121,26 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
     rows = [[str(r["round"]), str(r.get("stage", "")), *(_fmt(r["heldout"].get(k)) for k in FINAL_TABLE_KEYS)] for r in rounds]
     parts.append(_table(headers, rows))
 
+    # Diagnosis of the molecular heads per round: a head that predicts one class has a small logit
+    # spread and a balanced accuracy of 0.5; calibration (temperature, threshold) comes from the
+    # sites' validation splits; grad share = the task's share of the gradient into the encoder.
+    diag_keys = [f"{m}_{t}" for t in TASKS for m in ("auc", "bacc", "logit_mean", "logit_std")]
+    parts.append("<h2>Molecular heads on the held-out center, every round</h2>")
+    rows = [[str(r["round"]), *(_fmt(r["heldout"].get(k)) for k in diag_keys)] for r in rounds]
+    parts.append(_table(["round", *diag_keys], rows))
+    cal_keys = [f"{m}_{t}" for t in TASKS for m in ("temperature", "threshold")]
+    cal_rows = [[str(r["round"]), _fmt(r.get("selection_score")), *(_fmt((r.get("calibration") or {}).get(k)) for k in cal_keys)]
+                for r in rounds if r.get("calibration")]
+    if cal_rows:
+        parts.append("<h2>Calibration and model selection (fit on the sites' validation splits)</h2>")
+        parts.append(_table(["round", "selection score", *cal_keys], cal_rows))
+    share_keys = [f"grad_share_{t}" for t in ("seg", *TASKS)]
+    share_rows = [[str(r["round"]), site, *(_fmt(m.get(k)) for k in share_keys)]
+                  for r in rounds for site, m in sorted((r.get("train") or {}).items()) if "grad_share_seg" in m]
+    if share_rows:
+        parts.append("<h2>Share of the gradient into the shared encoder, per task (first step of each local round)</h2>")
+        parts.append(_table(["round", "site", *share_keys], share_rows))
+
     site_metrics = last.get("sites", {})
     if site_metrics:
         worst = worst_site(site_metrics)
@@ -128,6 +148,8 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
         parts.append(f"<h2>Sites, final round (validation split; worst site: {html.escape(str(worst))})</h2>")
         rows = [[s, *(_fmt(site_metrics[s].get(k)) for k in FINAL_TABLE_KEYS)] for s in names]
         parts.append(_table(["site", *FINAL_TABLE_KEYS], rows, highlight=names.index(worst) if worst in names else None))
+        rows = [[s, *(_fmt(site_metrics[s].get(k)) for k in diag_keys)] for s in names]
+        parts.append(_table(["site", *diag_keys], rows))
 
     train = {}
     for r in rounds:  # the latest description each site sent

@@ -21,10 +21,13 @@ import numpy as np
 
 from common.contract import TASKS
 
-#: Temperatures tried (geometric grid; 1 = the raw softmax).
-TEMPERATURES: tuple[float, ...] = tuple(float(t) for t in np.geomspace(0.25, 8.0, 21))
-#: Thresholds on the logit difference z tried (0 = the raw 0.5 probability threshold).
-LOGIT_THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.linspace(-4.0, 4.0, 33))
+#: Temperatures tried (geometric grid; 1 = the raw softmax). Early in training the logits are
+#: tiny, so the grid reaches far below 1.
+TEMPERATURES: tuple[float, ...] = tuple(float(t) for t in np.geomspace(0.01, 10.0, 31))
+#: Thresholds on the logit difference z tried: 0 (the raw 0.5 rule) and +-10^k for k in [-3, 1]
+#: (a symmetric log grid, since the logits' scale grows by orders of magnitude during training).
+_MAGNITUDES = np.geomspace(1e-3, 10.0, 25)
+LOGIT_THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.concatenate([-_MAGNITUDES[::-1], [0.0], _MAGNITUDES]))
 #: Fewest labeled validation cases of a task for which a site sends its calibration statistics.
 MIN_CASES = 5
 

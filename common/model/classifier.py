@@ -35,6 +35,14 @@ DESCRIPTORS = (
     "extent",  # spatial std of WT around its centroid, in units of the brain box's half-size
 )
 EPS = 1e-6
+#: Fixed (centre, scale) per descriptor, so that every descriptor enters the heads at unit scale
+#: (volumes of 10-300 mL give log(1 + mL) of 2.4-5.7). Fixed, not learned running statistics:
+#: batches of 1-2 cases and averaging across sites make batch statistics unreliable.
+DESCRIPTOR_SCALE = {
+    "log_ml_wt": (4.0, 1.0), "log_ml_tc": (2.5, 1.5), "log_ml_et": (2.0, 1.5),
+    "frac_et_tc": (0.5, 0.3), "frac_ncr_tc": (0.3, 0.3), "frac_tc_wt": (0.3, 0.3),
+    "centroid_x": (0.0, 0.5), "centroid_y": (0.0, 0.5), "centroid_z": (0.0, 0.5), "extent": (0.2, 0.1),
+}
 
 
 def region_probabilities(seg_logits: torch.Tensor) -> torch.Tensor:
@@ -102,11 +110,15 @@ class _Heads(nn.Module):
     """Dropout, a shared MLP trunk, then one small head per task (``heads.<task>`` -> (B, 2)).
 
     Each head is its own parameter group on the wire (``classifier.heads.<task>``), so the server
-    can average it over the sites that have labels for that task.
+    can average it over the sites that have labels for that task. With ``direct`` extra inputs
+    (the segmentation descriptors) each head also gets a linear path from them to its logits
+    (``direct.<task>``), so the network can do at least what a logistic regression on the
+    descriptors does.
     """
 
-    def __init__(self, in_features: int, hidden: int, tasks: Sequence[str], dropout: float) -> None:
+    def __init__(self, in_features: int, hidden: int, tasks: Sequence[str], dropout: float, direct: int = 0) -> None:
         super().__init__()
+        self.direct = nn.ModuleDict({task: nn.Linear(direct, 2) for task in tasks}) if direct else None
         self.trunk = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(in_features, hidden),
@@ -120,9 +132,12 @@ class _Heads(nn.Module):
             }
         )
 
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor, direct: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         shared = self.trunk(features)
-        return {task: head(shared) for task, head in self.heads.items()}
+        logits = {task: head(shared) for task, head in self.heads.items()}
+        if self.direct is not None and direct is not None:
+            logits = {task: z + self.direct[task](direct) for task, z in logits.items()}
+        return logits
 
 
 class GlobalPoolClassifier(_Heads):
@@ -163,7 +178,10 @@ class TumorAwareClassifier(_Heads):
 
     def __init__(self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float) -> None:
         pooled = sum(in_channels) * (len(POOL_REGIONS) + 1)
-        super().__init__(pooled + len(DESCRIPTORS), hidden, tasks, dropout)
+        super().__init__(pooled + len(DESCRIPTORS), hidden, tasks, dropout, direct=len(DESCRIPTORS))
+        centre, scale = zip(*(DESCRIPTOR_SCALE[d] for d in DESCRIPTORS))
+        self.register_buffer("descriptor_centre", torch.tensor(centre), persistent=False)
+        self.register_buffer("descriptor_scale", torch.tensor(scale), persistent=False)
 
     def forward(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None = None,
                 spacing: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -172,8 +190,8 @@ class TumorAwareClassifier(_Heads):
         seg_logits = seg_logits.detach()
         regions = region_probabilities(seg_logits)
         pooled = [region_pool(m.float(), regions) for m in maps]
-        descriptors = tumor_descriptors(regions, seg_logits, brain, spacing)
-        return super().forward(torch.cat([*pooled, descriptors], dim=1))
+        descriptors = (tumor_descriptors(regions, seg_logits, brain, spacing) - self.descriptor_centre) / self.descriptor_scale
+        return super().forward(torch.cat([*pooled, descriptors], dim=1), descriptors)
 
 
 CLASSIFIERS = {"tumor": TumorAwareClassifier, "global": GlobalPoolClassifier}

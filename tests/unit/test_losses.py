@@ -226,3 +226,12 @@ def test_invalid_loss_configuration_raises() -> None:
         MultiTaskLoss(class_weights=torch.ones(3, 2))
     with pytest.raises(KeyError, match="survival"):
         UncertaintyWeighting(("seg", "idh"))({"survival": torch.tensor(1.0)})
+
+
+def test_classification_only_leaves_the_segmentation_term_out() -> None:
+    cfg = compose()
+    model = build_model(cfg.model, SIZE, seed=0)
+    batch = _batch([[0, 1, 0, 1], [1, 0, 1, 0]], [True, True])
+    full = MultiTaskLoss()(model(batch["image"], batch["available"]), batch, model.task_weighting)
+    only = MultiTaskLoss(segmentation=False)(model(batch["image"], batch["available"]), batch, model.task_weighting)
+    assert full.terms["seg"] > 0 and only.terms["seg"] == 0 and "seg" not in only.weighted

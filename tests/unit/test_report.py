@@ -42,3 +42,19 @@ def test_report_has_plots_worst_site_pseudo_labels_per_round_and_failures(tmp_pa
     assert re.search(r"<td>1</td>\s*<td>site-b</td>\s*<td>1</td>", pseudo)
     assert re.search(r"<td>2</td>\s*<td>site-a</td>\s*<td>5</td>", pseudo)
     assert "NoUsableCaseError" in page and "site-b" in page
+
+
+def test_report_shows_head_diagnostics_calibration_and_gradient_shares(tmp_path: Path) -> None:
+    data = history()
+    data["rounds"][2]["heldout"].update(bacc_idh=0.5, logit_std_idh=0.0123)
+    data["rounds"][2]["calibration"] = {"temperature_idh": 2.5, "threshold_idh": 0.4}
+    data["rounds"][2]["selection_score"] = 0.61
+    data["rounds"][2]["train"]["site-a"]["grad_share_seg"] = 0.875
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    page = write_report(tmp_path).read_text()
+    heads = page[page.index("Molecular heads on the held-out center"):]
+    assert "logit_std_idh" in heads and "0.012" in heads
+    calibration = page[page.index("Calibration and model selection"):]
+    assert re.search(r"<td>2</td>\s*<td>0.610</td>\s*<td>2.500</td>\s*<td>0.400</td>", calibration)
+    shares = page[page.index("Share of the gradient into the shared encoder"):]
+    assert re.search(r"<td>2</td>\s*<td>site-a</td>\s*<td>0.875</td>", shares)
