@@ -14,11 +14,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def source(tmp_path_factory) -> Path:
+    """The working tree as git sees it (tracked and new files; ignored ones such as .venv left
+    out), copied so that building leaves nothing behind in the checkout."""
+    tree = tmp_path_factory.mktemp("source") / "fedglioma"
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    for path in filter(None, listed):
+        if (ROOT / path).is_file():
+            (tree / path).parent.mkdir(parents=True, exist_ok=True)
+            (tree / path).write_bytes((ROOT / path).read_bytes())
+    return tree
+
+
+@pytest.fixture(scope="module")
+def wheel(source: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     # --no-build-isolation: build with this environment's setuptools (no download)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         check=True, capture_output=True, text=True, timeout=300,
     )
     (path,) = out.glob("fedglioma-*.whl")
@@ -54,16 +68,9 @@ print(cfg.model.preset, cfg.data.size)
     assert done.stdout.split() == ["tiny", "32"]
 
 
-def test_the_app_bundle_holds_only_what_the_apps_import(tmp_path: Path) -> None:
+def test_the_app_bundle_holds_only_what_the_apps_import(source: Path, tmp_path: Path) -> None:
     flwr = Path(sys.executable).parent / "flwr"
-    app = tmp_path / "app"
-    # the working tree as git sees it (tracked and new files, ignored ones such as .venv left out)
-    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard"],
-                            capture_output=True, text=True, check=True).stdout.split("\n")
-    for path in filter(None, listed):
-        if (ROOT / path).is_file():
-            (app / path).parent.mkdir(parents=True, exist_ok=True)
-            (app / path).write_bytes((ROOT / path).read_bytes())
+    app = source
     done = subprocess.run([str(flwr), "build", "--app", str(app)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     (fab,) = tmp_path.glob("*.fab")
