@@ -143,11 +143,8 @@ class _Heads(nn.Module):
 class GlobalPoolClassifier(_Heads):
     """MTTU-Net's multi-scale classifier: ``concat(GAP(F), GMP(F))`` of each feature map.
 
-    Args:
-        in_channels: channels of each pooled feature map.
-        hidden: trunk width.
-        tasks: task names (one head each).
-        dropout: dropout probability.
+    ``in_channels``: channels of each pooled feature map; ``hidden``, ``tasks``, ``dropout``: the
+    trunk's width, the tasks (one head each) and the dropout probability (:class:`_Heads`).
     """
 
     def __init__(self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float) -> None:
@@ -167,13 +164,8 @@ class TumorAwareClassifier(_Heads):
     """Tumor-region pooling at several scales plus segmentation descriptors (module docstring).
 
     The region maps and descriptors are computed from the segmentation head's output with the
-    gradient stopped: classification reads the segmentation, it does not reshape it.
-
-    Args:
-        in_channels: channels of each pooled feature map.
-        hidden: trunk width.
-        tasks: task names (one head each).
-        dropout: dropout probability.
+    gradient stopped: classification reads the segmentation, it does not reshape it. Arguments as
+    for :class:`GlobalPoolClassifier`.
     """
 
     def __init__(self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float) -> None:
