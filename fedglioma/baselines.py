@@ -107,7 +107,7 @@ def run_baseline(
             train={train_key: train_metrics} if train_metrics else {},
             extra={"stage": stage, "calibration": calibration.as_metrics(), "selection_score": selection},
         )
-        folder.save_checkpoint(round_, model.state_dict(), selection)
+        folder.save_checkpoint(round_, model.state_dict(), selection, calibration.to_dict())
         print(f"round {round_}: held-out dice_wt={heldout_metrics['dice_wt']:.3f} "
               f"auc_idh={heldout_metrics['auc_idh']:.3f}", flush=True)
 

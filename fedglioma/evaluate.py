@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from common.config import DataConfig
     from common.data.dataset import make_loader
     from common.data.site import load_site
+    from common.evaluation.calibration import Calibration
     from common.evaluation.loop import evaluate
     from common.io import json_safe
     from common.model.checkpoint import load_model
@@ -31,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {rejection.case_id}: {rejection.reason}")
     loader = make_loader(index.cases, DataConfig(size=int(payload["size"]), cache=False), train=False)
     device = select_device(args.device)
-    metrics = evaluate(model, loader, device, mc_passes=args.mc_passes, progress=True)
+    # the temperature and thresholds fit on the sites' validation when this checkpoint was chosen
+    calibration = Calibration.from_dict(payload.get("calibration"))
+    metrics = evaluate(model, loader, device, mc_passes=args.mc_passes, progress=True, calibration=calibration)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}")

@@ -88,7 +88,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
                 "selection_score": score,
             },
         )
-        folder.save_checkpoint(global_round, model.state_dict(), score)
+        folder.save_checkpoint(global_round, model.state_dict(), score, calibration.to_dict())
         write_report(folder.root)
         log(INFO, "round %d held-out: %s", global_round, _brief(metrics))
         return MetricRecord({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})

@@ -144,16 +144,25 @@ class RunFolder:
         atomic_write(self.metrics_path, lambda p: p.write_text(text))
 
     # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, round_: int, state_dict: Mapping[str, torch.Tensor], score: float) -> None:
+    def save_checkpoint(
+        self,
+        round_: int,
+        state_dict: Mapping[str, torch.Tensor],
+        score: float,
+        calibration: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> None:
         """Write round-NNN.pt and last.pt, and best.pt when this round has the best selection
         ``score`` so far (:func:`common.evaluation.metrics.selection_score` of the sites'
         validation metrics; NaN = nothing to select on, best.pt follows the last round until a
-        round has a score). The held-out center never enters the score."""
+        round has a score). The held-out center never enters the score. ``calibration``
+        (:meth:`common.evaluation.calibration.Calibration.to_dict`, fit on the same validation) is
+        stored with the weights, so that whoever applies the model uses the same probabilities."""
         payload = {
             "round": int(round_),
             "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
             "model": dict(to_mapping(self.cfg)["model"]),
             "size": int(self.cfg.data.size),
+            "calibration": {k: dict(v) for k, v in (calibration or {}).items()},
         }
         for name in (f"round-{round_:03d}.pt", "last.pt"):
             atomic_write(self.checkpoints / name, lambda p: torch.save(payload, p))

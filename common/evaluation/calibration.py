@@ -79,6 +79,19 @@ class Calibration:
         """The decision threshold on the calibrated probability (equivalent to the logit threshold)."""
         return float(_sigmoid(np.asarray(self.logit_threshold.get(task, 0.0) / self.temperature.get(task, 1.0))))
 
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        """Plain dicts (stored in checkpoints; ``torch.load(weights_only=True)`` reads them back)."""
+        return {"temperature": dict(self.temperature), "logit_threshold": dict(self.logit_threshold),
+                "cases": dict(self.cases)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Mapping[str, float]] | None) -> "Calibration":
+        """Inverse of :meth:`to_dict`; None (a checkpoint without calibration) gives the identity."""
+        out = cls()
+        for name in ("temperature", "logit_threshold", "cases"):
+            getattr(out, name).update({str(k): float(v) for k, v in ((values or {}).get(name) or {}).items()})
+        return out
+
     def as_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for task in TASKS:

@@ -47,9 +47,20 @@ def test_two_rounds_write_metrics_checkpoints_report_and_resume(cohort: Path, tm
         assert set(entry["sites"]) == {"site-a", "site-b"}
         assert entry["train"]["site-a"]["num-examples"] > 0
     assert "dice_wt" in history["final"]["heldout"] and history["final"]["heldout_cases"] == 4
+    # best.pt is chosen on the sites' validation, never on the held-out center; the calibration
+    # fit on the same validation is recorded per round and travels with the checkpoint
+    assert "held-out center is only reported" in history["final"]["selection"]
+    for entry in history["rounds"][1:]:
+        assert set(entry["calibration"]) >= {f"temperature_{t}" for t in TASKS}
+        assert entry["selection_score"] is not None
+        assert not any(k.startswith("cal_") for k in entry["sites"]["site-a"])
+        assert 0.0 <= entry["train"]["site-a"]["grad_share_seg"] <= 1.0
+    scores = {r["round"]: r["selection_score"] for r in history["rounds"] if r["selection_score"] is not None}
+    assert history["final"]["best_round"] == max(scores, key=scores.get)
     for name in ("round-000.pt", "round-002.pt", "last.pt", "best.pt"):
         payload = torch.load(run_dir / "checkpoints" / name, weights_only=True)
         assert payload["state_dict"]
+        assert "calibration" in payload
     assert (run_dir / "report.html").read_text().count("<img") >= 3
     # the model changed over the rounds
     first = torch.load(run_dir / "checkpoints/round-000.pt", weights_only=True)["state_dict"]

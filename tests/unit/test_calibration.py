@@ -57,3 +57,14 @@ def test_calibrated_probability_and_threshold_agree() -> None:
     p = cal.probability("idh", np.array([1.0]))[0]
     assert p == pytest.approx(cal.probability_threshold("idh"))
     assert cal.as_metrics()["temperature_idh"] == 2.0
+
+
+def test_calibration_round_trips_through_a_checkpoint(tmp_path) -> None:
+    import torch
+
+    cal = Calibration(temperature={"idh": 2.0}, logit_threshold={"idh": -0.5}, cases={"idh": 12.0})
+    torch.save({"calibration": cal.to_dict()}, tmp_path / "c.pt")
+    back = Calibration.from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["calibration"])
+    assert back.temperature["idh"] == 2.0 and back.logit_threshold["idh"] == -0.5
+    assert back.temperature["mgmt"] == 1.0  # tasks not stored stay at the identity
+    assert Calibration.from_dict(None).probability_threshold("idh") == 0.5
