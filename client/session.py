@@ -23,7 +23,14 @@ from torch import nn
 
 from client.consistency import TEACHER_FILE, ConsistencyRegularizer, load_teacher, save_teacher
 from client.pseudo_labels import PseudoLabelHook, prepare_pseudo_labels
-from client.state import RoundTag, SiteConfigError, default_state_path, site_state_path
+from client.state import (
+    RoundTag,
+    SiteConfigError,
+    default_state_path,
+    load_optimizer_state,
+    save_optimizer_state,
+    site_state_path,
+)
 from client.training import LocalTrainer
 from common.config import ExperimentConfig
 from common.contract import SEQUENCES, TASKS
@@ -133,6 +140,8 @@ class SiteSession:
             semi = self._semi_supervision(model, cases, round_config) if cfg.ssl.enabled else _SemiSupervision()
             metrics.update(semi.metrics)
             regularizer = semi.regularizer
+            keep = cfg.train.keep_optimizer_state
+            tag = self._round_tag(round_config)
             result = trainer.run(
                 loader,
                 stage=stage,
@@ -143,7 +152,10 @@ class SiteSession:
                 extra_loss=regularizer,
                 after_step=regularizer.after_step if regularizer is not None else None,
                 desc=self.name,
+                optimizer_state=load_optimizer_state(self.state_dir, tag) if keep else None,
             )
+            if keep and result.optimizer_state is not None:
+                save_optimizer_state(result.optimizer_state, self.state_dir, tag)
             if regularizer is not None:
                 save_teacher(regularizer.teacher, self.state_dir / TEACHER_FILE, self._round_tag(round_config))
         n_examples = len(cases)

@@ -11,6 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
+from common.io import atomic_write
+
+#: File name of a site's local optimizer state inside its state folder (train.keep_optimizer_state).
+OPTIMIZER_FILE = "optimizer.pt"
+
 
 class SiteConfigError(ValueError):
     """The SuperNode's node config does not say where the site's data or state is."""
@@ -65,3 +72,28 @@ def site_state_path(node_config: Mapping[str, Any], site_name: str) -> Path:
     """
     path = str(node_config.get("state-path", "")).strip()
     return Path(path).expanduser() if path else default_state_path(site_name)
+
+
+def save_optimizer_state(state: Mapping[str, Any], folder: Path, tag: RoundTag) -> None:
+    """Keep the site's optimizer state (moments, step counts) for the next round of the same run."""
+    payload = {**tag.as_dict(), "optimizer": dict(state)}
+    atomic_write(Path(folder) / OPTIMIZER_FILE, lambda tmp: torch.save(payload, tmp))
+
+
+def load_optimizer_state(folder: Path, tag: RoundTag) -> dict[str, Any] | None:
+    """The optimizer state an earlier round of the same run saved, else None (first round, another
+    run). A damaged file is an error naming it and the fix, never silently a fresh optimizer."""
+    path = Path(folder) / OPTIMIZER_FILE
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        saved = RoundTag.from_dict(payload)
+        state = payload["optimizer"]
+    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
+        reason = (str(exc).splitlines() or [""])[0]
+        raise ValueError(
+            f"cannot read the optimizer state {path} ({type(exc).__name__}: {reason}). Delete the file; "
+            "the next round starts a fresh optimizer"
+        ) from exc
+    return dict(state) if saved.precedes(tag) else None

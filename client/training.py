@@ -78,6 +78,8 @@ class StageResult:
     """Scalar summary of one local stage (safe to send to the server)."""
 
     metrics: dict[str, float]
+    #: the optimizer's state after the stage (kept by the site with train.keep_optimizer_state)
+    optimizer_state: dict | None = None
 
     def __getitem__(self, key: str) -> float:
         return self.metrics[key]
@@ -132,8 +134,13 @@ class LocalTrainer:
         extra_loss: ExtraLoss | None = None,
         after_step: StepHook | None = None,
         desc: str = "train",
+        optimizer_state: dict | None = None,
     ) -> StageResult:
         """Train ``epochs`` epochs of ``stage``; returns scalar metrics (mean losses, steps, time).
+
+        ``optimizer_state``: a supervised stage's optimizer state from an earlier round to continue
+        from (:attr:`StageResult.optimizer_state`); one that does not fit the parameters is not used
+        (metric ``optimizer_state_restored`` says which happened).
 
         ``batch_hook``, ``extra_loss`` and ``after_step`` (see the module docstring) apply to the
         supervised stage only.
@@ -156,6 +163,7 @@ class LocalTrainer:
             extra_loss=extra_loss,
             after_step=after_step,
             desc=desc,
+            optimizer_state=optimizer_state,
         )
 
     def _progress(self, loader: Iterable[Batch], desc: str) -> Iterable[Batch]:
@@ -191,10 +199,20 @@ class LocalTrainer:
         extra_loss: ExtraLoss | None,
         after_step: StepHook | None,
         desc: str,
+        optimizer_state: dict | None = None,
     ) -> StageResult:
         model = self.model
         model.train()
         optimizer = build_optimizer(model, self.cfg, lr)
+        restored = 0.0
+        if optimizer_state is not None:
+            try:
+                optimizer.load_state_dict(optimizer_state)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr  # this round's learning rate, not the saved one
+                restored = 1.0
+            except (ValueError, KeyError):
+                optimizer = build_optimizer(model, self.cfg, lr)  # another model shape: start afresh
         scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         anchor = (
             [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else None
@@ -240,8 +258,8 @@ class LocalTrainer:
                 break
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         metrics.update(shares)
-        metrics.update(steps=float(steps), seconds=time.perf_counter() - start)
-        return StageResult(metrics)
+        metrics.update(steps=float(steps), seconds=time.perf_counter() - start, optimizer_state_restored=restored)
+        return StageResult(metrics, optimizer.state_dict())
 
     def _run_pretrain(self, loader: Iterable[Batch], *, epochs: int, lr: float, desc: str) -> StageResult:
         """GMENet stage 1: train only the imputer to reconstruct masked sequences' features."""

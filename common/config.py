@@ -87,6 +87,8 @@ class TrainConfig:
     focal_gamma: float = 2.0
     task_weighting: str = "uncertainty"  # "uncertainty" (Kendall) or "equal"
     segmentation: bool = True  # false: classification only (the single-task ablation)
+    # keep each site's AdamW state in its state folder between rounds instead of restarting it
+    keep_optimizer_state: bool = False
     amp: bool = True  # only takes effect on CUDA
     seed: int = 0
     threads: int = 0  # CPU threads for torch; 0 = all cores

@@ -14,6 +14,8 @@ held-out center 200 cases):
 * ``fed-global``       the same with whole-volume GAP+GMP pooling (the ablation);
 * ``fed-clsonly``      a classification-only network of the same encoder (whole-volume pooling, no
                        segmentation loss): does multi-task beat single-task?
+* ``fed-tumor-keepopt`` ``fed-tumor`` with each site's AdamW state kept between rounds
+                       (``train.keep_optimizer_state``) instead of restarting every round.
 
 Every network run selects ``best.pt`` and fits its calibration on the sites' validation splits;
 the held-out center is only scored. Per task: AUC, balanced accuracy, sensitivity, specificity and
@@ -45,6 +47,7 @@ NETWORK_ARMS: dict[str, list[str]] = {
     "fed-tumor": [],
     "fed-global": ["model.classifier_pooling=global"],
     "fed-clsonly": ["model.classifier_pooling=global", "train.segmentation=false"],
+    "fed-tumor-keepopt": ["train.keep_optimizer_state=true"],
 }
 ARMS = ("prior", "lr-gt", "lr-pred", *NETWORK_ARMS)
 SCORES = ("auc", "bacc", "sen", "spe", "ece")
