@@ -46,7 +46,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from client.state import RoundTag
+from client.state import RoundTag, read_state_file
 from common.config import ConfigError, SSLConfig
 from common.io import atomic_write
 from common.model import GliomaOutput
@@ -147,18 +147,13 @@ def load_teacher(model: nn.Module, path: Path, decay: float, tag: "RoundTag") ->
     path = Path(path)
     if not path.exists():
         return teacher, False
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        saved_tag = RoundTag.from_dict(payload)
-        state = payload["state_dict"]
+
+    def parse(payload: dict) -> tuple[RoundTag, dict]:
         if payload.get("format") != TEACHER_FORMAT:
             raise ValueError(f"format {payload.get('format')!r} is not {TEACHER_FORMAT!r}")
-    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
-        reason = (str(exc).splitlines() or [""])[0]
-        raise ValueError(
-            f"cannot read the EMA teacher {path} ({type(exc).__name__}: {reason}). Delete the file; "
-            "the next round starts a new teacher from the global model"
-        ) from exc
+        return RoundTag.from_dict(payload), payload["state_dict"]
+
+    saved_tag, state = read_state_file(path, "the EMA teacher", "a new teacher from the global model", parse)
     current = teacher.model.state_dict()
     same_shape = state.keys() == current.keys() and all(state[k].shape == current[k].shape for k in current)
     if not (same_shape and saved_tag.precedes(tag)):

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
 from common.io import atomic_write
 
+T = TypeVar("T")
 #: File name of a site's local optimizer state inside its state folder (train.keep_optimizer_state).
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -86,14 +87,20 @@ def load_optimizer_state(folder: Path, tag: RoundTag) -> dict[str, Any] | None:
     path = Path(folder) / OPTIMIZER_FILE
     if not path.exists():
         return None
+    saved, state = read_state_file(path, "the optimizer state", "a fresh optimizer",
+                                   lambda payload: (RoundTag.from_dict(payload), dict(payload["optimizer"])))
+    return state if saved.precedes(tag) else None
+
+
+def read_state_file(path: Path, what: str, fresh: str, parse: Callable[[dict], T]) -> T:
+    """``parse`` of a state file's payload (``torch.load`` with ``weights_only``). A damaged or
+    foreign file raises ValueError naming it, ``what`` it should hold and the fix (delete it; the
+    next round starts ``fresh``), never a raw traceback and never silently a fresh start."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        saved = RoundTag.from_dict(payload)
-        state = payload["optimizer"]
-    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
+        return parse(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # torch.load and parse raise many types for a damaged or foreign file
         reason = (str(exc).splitlines() or [""])[0]
         raise ValueError(
-            f"cannot read the optimizer state {path} ({type(exc).__name__}: {reason}). Delete the file; "
-            "the next round starts a fresh optimizer"
+            f"cannot read {what} {path} ({type(exc).__name__}: {reason}). Delete the file; "
+            f"the next round starts {fresh}"
         ) from exc
-    return dict(state) if saved.precedes(tag) else None
