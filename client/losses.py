@@ -223,7 +223,7 @@ class MultiTaskLoss(nn.Module):
         weighted: dict[str, torch.Tensor] = {}
         if present:
             weighted = weighting.weighted_terms(present, mode=self.task_weighting)
-            total = weighting(present, mode=self.task_weighting)
+            total = weighting.total(weighted, mode=self.task_weighting)
         else:
             # Nothing to learn from: a zero that is still attached to the graph, so that
             # backward() works and leaves all gradients at zero.

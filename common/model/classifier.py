@@ -54,14 +54,11 @@ def region_probabilities(seg_logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([wt, tc, p[:, ET]], dim=1)
 
 
-def tumor_descriptors(
-    regions: torch.Tensor, seg_logits: torch.Tensor, brain: torch.Tensor | None, spacing: torch.Tensor | None
-) -> torch.Tensor:
+def tumor_descriptors(regions: torch.Tensor, brain: torch.Tensor | None, spacing: torch.Tensor | None) -> torch.Tensor:
     """Descriptors of the predicted segmentation (B, len(DESCRIPTORS)), see :data:`DESCRIPTORS`.
 
     Args:
-        regions: (B, 3, N, N, N) soft WT/TC/ET maps (:func:`region_probabilities`).
-        seg_logits: (B, 4, N, N, N) segmentation logits (for the NCR share of the core).
+        regions: (B, 3, N, N, N) soft WT/TC/ET maps (:func:`region_probabilities`); NCR = TC - ET.
         brain: (B, N, N, N) bool brain mask (where any input channel is non-zero: the data layer
             z-scores brain voxels only and zero-pads the rest), or None for the whole grid.
         spacing: (B, 3) voxel size in mm of the network grid, or None for 1 mm.
@@ -73,8 +70,8 @@ def tumor_descriptors(
     )
     volumes = regions.flatten(2).sum(-1)  # (B, 3) expected voxel counts of WT, TC, ET
     ml = volumes * voxel_ml[:, None]
-    ncr = torch.softmax(seg_logits.float(), dim=1)[:, NCR].flatten(1).sum(-1)
     wt, tc, et = volumes.unbind(1)
+    ncr = (tc - et).clamp_min(0.0)
     fractions = torch.stack([et / (tc + EPS), ncr / (tc + EPS), tc / (wt + EPS)], dim=1).clamp(0.0, 1.0)
 
     # Brain box in voxel coordinates -> [-1, 1] per axis, so location is comparable across cases.
@@ -182,7 +179,7 @@ class TumorAwareClassifier(_Heads):
         seg_logits = seg_logits.detach()
         regions = region_probabilities(seg_logits)
         pooled = [region_pool(m.float(), regions) for m in maps]
-        descriptors = (tumor_descriptors(regions, seg_logits, brain, spacing) - self.descriptor_centre) / self.descriptor_scale
+        descriptors = (tumor_descriptors(regions, brain, spacing) - self.descriptor_centre) / self.descriptor_scale
         return super().forward(torch.cat([*pooled, descriptors], dim=1), descriptors)
 
 

@@ -54,11 +54,15 @@ class UncertaintyWeighting(nn.Module):
         """
         if not losses:
             raise ValueError("UncertaintyWeighting got no loss terms to combine")
-        weighted = self.weighted_terms(losses, mode)
+        return self.total(self.weighted_terms(losses, mode), mode)
+
+    def total(self, weighted: Mapping[str, torch.Tensor], mode: str = "uncertainty") -> torch.Tensor:
+        """The combined loss from :meth:`weighted_terms`' output: their sum, plus the ``s``
+        regulariser of each term under uncertainty weighting."""
+        total = torch.stack(list(weighted.values())).sum()
         if mode == "equal":
-            return torch.stack(list(weighted.values())).sum()
-        regulariser = torch.stack([self.log_variance(name).float() for name in losses]).sum()
-        return torch.stack(list(weighted.values())).sum() + regulariser
+            return total
+        return total + torch.stack([self.log_variance(name).float() for name in weighted]).sum()
 
     def weighted_terms(self, losses: Mapping[str, torch.Tensor], mode: str = "uncertainty") -> dict[str, torch.Tensor]:
         """``{name: exp(-s) * loss}`` (``{name: loss}`` with ``mode="equal"``), without the ``s``

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -37,7 +36,7 @@ def test_descriptors_measure_volumes_in_ml_fractions_and_location() -> None:
     seg[0, 11, 7, 7] = NCR  # 1 necrotic voxel
     logits = one_hot_logits(seg)
     spacing = torch.tensor([[2.0, 2.0, 2.0]])  # 8 mm^3 per voxel
-    d = dict(zip(DESCRIPTORS, tumor_descriptors(region_probabilities(logits), logits, None, spacing)[0].tolist()))
+    d = dict(zip(DESCRIPTORS, tumor_descriptors(region_probabilities(logits), None, spacing)[0].tolist()))
     assert math.expm1(d["log_ml_wt"]) == pytest.approx(64 * 8 / 1000, rel=1e-3)
     assert math.expm1(d["log_ml_tc"]) == pytest.approx(8 * 8 / 1000, rel=1e-3)
     assert math.expm1(d["log_ml_et"]) == pytest.approx(7 * 8 / 1000, rel=1e-3)
@@ -54,8 +53,8 @@ def test_location_is_relative_to_the_brain_box() -> None:
     brain = torch.zeros(1, n, n, n, dtype=torch.bool)
     brain[0, 0:8] = True  # ... but in the right half of a brain that fills the left of the grid
     logits = one_hot_logits(seg)
-    grid_only = tumor_descriptors(region_probabilities(logits), logits, None, None)[0, DESCRIPTORS.index("centroid_x")]
-    in_brain = tumor_descriptors(region_probabilities(logits), logits, brain, None)[0, DESCRIPTORS.index("centroid_x")]
+    grid_only = tumor_descriptors(region_probabilities(logits), None, None)[0, DESCRIPTORS.index("centroid_x")]
+    in_brain = tumor_descriptors(region_probabilities(logits), brain, None)[0, DESCRIPTORS.index("centroid_x")]
     assert grid_only < 0 < in_brain
 
 
