@@ -28,7 +28,9 @@ CLASSIFIER_POOLINGS: tuple[str, ...] = ("tumor", "global")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 CLS_LOSSES: tuple[str, ...] = ("weighted_ce", "balanced_softmax", "focal")
 TASK_WEIGHTINGS: tuple[str, ...] = ("uncertainty", "equal")
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
+UPDATE_BOUNDS: tuple[str, ...] = ("reject", "clip", "off")
+QUORUM_ACTIONS: tuple[str, ...] = ("skip", "stop")
 
 Scalar = bool | int | float | str
 
@@ -141,6 +143,23 @@ class FederationConfig:
     out_dir: str = "runs"  # parent of run folders; made absolute by the launcher
     run_name: str = "demo"
     resume: bool = True  # continue from <run folder>/checkpoints/last.pt when present
+    # robust aggregation (fedtrimmedavg: fraction cut from each tail; krum/bulyan: sites assumed hostile)
+    trimmed_beta: float = 0.2
+    num_malicious: int = 0
+    # bounded updates: an update farther from the global model than max_update_ratio x the median
+    # distance of the other sites' updates is rejected or clipped to that bound ("off": neither)
+    update_bound: str = "reject"
+    max_update_ratio: float = 5.0
+    # num-examples caps: what the site declared (n_train) when first seen, max_examples_ratio x the
+    # median of the other sites, and max_examples (0 = no fixed cap)
+    max_examples: int = 0
+    max_examples_ratio: float = 10.0
+    # a round is applied when at least this fraction of the expected sites reply usably in time;
+    # below it the round is recorded and the run goes on ("skip") or stops ("stop")
+    quorum: float = 0.5
+    on_quorum_fail: str = "skip"
+    rejoin_wait_s: float = 30.0  # after round 1, how long a phase waits for a missing site
+    min_metric_cases: int = 5  # a site sends no metric computed over fewer cases than this
 
 
 @dataclass(frozen=True)
@@ -233,6 +252,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("train", "cls_loss"): CLS_LOSSES,
         ("train", "task_weighting"): TASK_WEIGHTINGS,
         ("federation", "strategy"): STRATEGIES,
+        ("federation", "update_bound"): UPDATE_BOUNDS,
+        ("federation", "on_quorum_fail"): QUORUM_ACTIONS,
     }
     for (sname, key), allowed in choices.items():
         value = getattr(getattr(cfg, sname), key)
@@ -242,6 +263,12 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.size={cfg.data.size} must be a multiple of 8 (the encoder downsamples 3 times)")
     if cfg.model.d_model % cfg.model.heads:
         raise ConfigError(f"model.d_model={cfg.model.d_model} must be divisible by model.heads={cfg.model.heads}")
+    if not 0.0 < cfg.federation.quorum <= 1.0:
+        raise ConfigError(f"federation.quorum={cfg.federation.quorum} must be in (0, 1] (a fraction of the sites)")
+    if cfg.federation.max_update_ratio <= 1.0:
+        raise ConfigError(f"federation.max_update_ratio={cfg.federation.max_update_ratio} must be > 1")
+    if not 0.0 <= cfg.federation.trimmed_beta < 0.5:
+        raise ConfigError(f"federation.trimmed_beta={cfg.federation.trimmed_beta} must be in [0, 0.5)")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
 
