@@ -143,6 +143,9 @@ class FederationConfig:
     out_dir: str = "runs"  # parent of run folders; made absolute by the launcher
     run_name: str = "demo"
     resume: bool = True  # continue from <run folder>/checkpoints/last.pt when present
+    # resume from this checkpoint instead of last.pt: a file name in <run folder>/checkpoints/
+    # (round-002.pt) or an absolute path; metrics.json rounds after it are dropped. "" = last.pt
+    resume_from: str = ""
     # robust aggregation (fedtrimmedavg: fraction cut from each tail; krum/bulyan: sites assumed hostile)
     trimmed_beta: float = 0.2
     num_malicious: int = 0

@@ -23,10 +23,13 @@ def run(args: argparse.Namespace) -> int:
     from common.evaluation.calibration import Calibration
     from common.evaluation.loop import evaluate
     from common.io import json_safe
-    from common.model.checkpoint import load_model
+    from common.model.checkpoint import CheckpointError, load_model
     from common.runtime import select_device
 
-    model, payload = load_model(args.model)
+    try:
+        model, payload = load_model(args.model)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None  # the message names the file and the fix
     index = load_site(args.site)
     for rejection in index.rejected:
         print(f"skipped {rejection.case_id}: {rejection.reason}")

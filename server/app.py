@@ -17,6 +17,7 @@ from common.config import ExperimentConfig, from_run_config
 from common.evaluation.calibration import fit_calibration
 from common.evaluation.metrics import selection_score
 from common.model import build_model
+from common.model.checkpoint import load_weights
 from common.wire import load_packed, pack_state
 from server.heldout import HeldoutEvaluator
 from server.report import write_report
@@ -47,7 +48,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     state = folder.resume_state()
     offset = 0
     if state is not None:
-        model.load_state_dict(state.state_dict)
+        load_weights(model, state.state_dict, state.source)  # CheckpointError naming the file if it does not fit
         offset = state.next_round - 1
         log(INFO, "resuming %s after round %d", folder.root, offset)
     remaining = cfg.federation.rounds - offset

@@ -2,20 +2,22 @@
 
 The report is rebuilt from metrics.json alone (after every round), so it can be regenerated at
 any time: ``python -m server.report runs/<name>``. Images are embedded so the HTML file can be
-mailed or opened offline.
+mailed or opened offline. Like every file of the run folder, report.html and the plots are written
+atomically and readable by their owner only (:func:`common.io.atomic_write`).
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from common.contract import SEQUENCES, TASKS
+from common.io import atomic_write
+from server.run_folder import RunFolderError, read_metrics
 
 HELDOUT_PLOTS: dict[str, tuple[str, ...]] = {
     "heldout_dice": ("dice_wt", "dice_tc", "dice_et"),
@@ -62,8 +64,7 @@ def _plot_series(path: Path, title: str, xs: list[int], series: dict[str, list[f
     if ax.lines:
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
 
@@ -191,16 +192,19 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
 
 
 def write_report(run_dir: Path | str) -> Path:
-    """(Re)write ``report.html`` and ``plots/*.png`` of ``run_dir``; returns the HTML path."""
+    """(Re)write ``report.html`` and ``plots/*.png`` of ``run_dir``; returns the HTML path.
+    A damaged metrics.json raises :class:`server.run_folder.RunFolderError` naming it and the fix."""
     run_dir = Path(run_dir)
-    history = json.loads((run_dir / "metrics.json").read_text())
+    history = read_metrics(run_dir / "metrics.json")
     plots = make_plots(run_dir, history)
     out = run_dir / "report.html"
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(render_html(history, plots, f"fedglioma run: {run_dir.name}"))
-    tmp.replace(out)
+    page = render_html(history, plots, f"fedglioma run: {run_dir.name}")
+    atomic_write(out, lambda p: p.write_text(page))
     return out
 
 
 if __name__ == "__main__":
-    print(write_report(Path(sys.argv[1])))
+    try:
+        print(write_report(Path(sys.argv[1])))
+    except (RunFolderError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")

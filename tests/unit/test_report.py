@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
+import pytest
+
 from server.report import write_report
+from server.run_folder import RunFolderError
 
 
 def history() -> dict:
@@ -58,3 +63,40 @@ def test_report_shows_head_diagnostics_calibration_and_gradient_shares(tmp_path:
     assert re.search(r"<td>2</td>\s*<td>0.610</td>\s*<td>2.500</td>\s*<td>0.400</td>", calibration)
     shares = page[page.index("Share of the gradient into the shared encoder"):]
     assert re.search(r"<td>2</td>\s*<td>site-a</td>\s*<td>0.875</td>", shares)
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ('{"rounds": [{"round": 0, "heldou', "not valid JSON"),
+        ('{"rounds": [{"round": 0, "sites": {}}]}', "no 'heldout' metrics"),
+        ('{"rounds": [{"round": 0, "heldout": {}, "sites": {"site-a": 0.7}}]}', "'sites' is not an object of per-site objects"),
+    ],
+)
+def test_report_of_a_damaged_metrics_json_names_the_file_and_the_fix(tmp_path: Path, text: str, why: str) -> None:
+    (tmp_path / "metrics.json").write_text(text)
+    with pytest.raises(RunFolderError, match=r"metrics\.json is damaged") as raised:
+        write_report(tmp_path)
+    assert why in str(raised.value) and "federation.run_name" in str(raised.value)
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_report_and_plots_are_written_atomically_for_the_owner_only(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "metrics.json").write_text(json.dumps(history()))
+    old = os.umask(0o022)
+    try:
+        page = write_report(tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(page.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "plots").stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "plots").iterdir()} == {0o600}
+    before = page.read_text()
+
+    def fails(*args, **kwargs) -> str:
+        raise RuntimeError("crashed while rendering")
+
+    monkeypatch.setattr("server.report.render_html", fails)
+    with pytest.raises(RuntimeError):
+        write_report(tmp_path)
+    assert page.read_text() == before and not list(tmp_path.glob(".*.tmp"))
