@@ -1,5 +1,8 @@
-"""``fedglioma check-site DIR [DIR ...] [--json] [--shallow]``: what a site folder holds, what is
-usable, what is missing, what is broken and how to fix it.
+"""``fedglioma check-site DIR [DIR ...] [--json] [--shallow] [--allow-external-links]``: what a site
+folder holds, what is usable, what is missing, what is broken and how to fix it.
+
+The report is for the site's own eyes: it names case IDs and paths. Only the counts per rejection
+category (``rejection_counts``) are fit to share with the coordinator.
 
 Exit status: 0 every site has at least one usable case; 1 a site has no usable case or its
 labels.csv is broken; 2 a folder does not exist.
@@ -23,17 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shallow", action="store_true",
                         help="check names, labels.csv and headers only; skip reading voxels (faster, "
                              "misses truncated files, NaN/inf voxels and bad segmentation values)")
+    parser.add_argument("--allow-external-links", action="store_true",
+                        help="accept case folders and files that are symbolic links leading out of the site "
+                             "folder (rejected by default: they can pull in another center's cases)")
 
 
-def check_site(root: Path, *, deep: bool = True) -> tuple[int, dict[str, Any]]:
+def check_site(root: Path, *, deep: bool = True, allow_external_links: bool = False) -> tuple[int, dict[str, Any]]:
     """(exit status, JSON-able report) for one site folder; ``report["error"]`` explains a
     non-zero status."""
     # Heavy (torch, flwr): imported when the command runs, so that `fedglioma --help` stays fast.
     from common.data.site import LabelsCsvError, SiteNotFoundError, scan_site
 
-    base = {"site": root.name, "root": str(root), "deep": deep}
+    base = {"site": root.name, "root": str(root), "deep": deep, "allow_external_links": allow_external_links}
     try:
-        index = scan_site(root, deep=deep)
+        index = scan_site(root, deep=deep, allow_external_links=allow_external_links)
     except SiteNotFoundError as exc:
         return EXIT_NOT_FOUND, base | {"usable": 0, "error": str(exc)}
     except LabelsCsvError as exc:
@@ -41,7 +47,7 @@ def check_site(root: Path, *, deep: bool = True) -> tuple[int, dict[str, Any]]:
     report = base | index.summary()
     if not index.cases:
         report["error"] = (
-            f"site {index.name} has no usable case ({len(index.rejected)} rejected): "
+            f"site {index.name} has no usable case ({index.rejection_summary()}): "
             "fix the problems listed above, or check that DIR is the site folder"
         )
         return EXIT_UNUSABLE, report
@@ -92,9 +98,10 @@ def format_report(report: dict[str, Any]) -> str:
                          f"it is remapped to 3 on load: {', '.join(legacy)}")
     if report["rejected"]:
         lines.append("")
-        lines.append(f"  Rejected cases ({rejected}):")
+        kinds = ", ".join(f"{n} {category}" for category, n in report["rejection_counts"].items())
+        lines.append(f"  Rejected cases ({rejected}): {kinds}")
         for r in report["rejected"]:
-            lines.append(f"    {r['case_id']}  ({r['path']})")
+            lines.append(f"    {r['case_id']}  [{r['category']}]  ({r['path']})")
             lines.append(f"      reason: {r['reason']}")
             lines.append(f"      fix:    {r['fix']}")
     if report["ignored_files"]:
@@ -115,7 +122,8 @@ def format_report(report: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     status, reports = EXIT_OK, []
     for root in args.dirs:
-        code, report = check_site(Path(root).expanduser(), deep=not args.shallow)
+        code, report = check_site(Path(root).expanduser(), deep=not args.shallow,
+                                  allow_external_links=args.allow_external_links)
         status = max(status, code)  # 2 (not found) > 1 (unusable) > 0
         reports.append(report)
         if not args.json:

@@ -9,6 +9,7 @@ segmentation, named in either BraTS convention. Everything is deterministic give
 from __future__ import annotations
 
 import csv
+import gzip
 import zlib
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -32,6 +33,20 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) 
     """Write ``data`` (X, Y, Z) with ``affine`` (default identity, 1 mm) to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else np.asarray(affine, dtype=float)), path)
+    return path
+
+
+def patch_header(path: Path, **fields: object) -> Path:
+    """Overwrite NIfTI-1 header ``fields`` (e.g. ``pixdim=[...]``, ``dim=[...]``, ``scl_slope=1e37``)
+    of the file at ``path`` in place, voxels untouched. Bypasses nibabel's save-time fixes (which
+    would, e.g., turn a zero pixdim into 1), to write headers as a broken exporter would."""
+    compressed = path.name.endswith(".gz")
+    raw = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
+    header = nib.Nifti1Header(binaryblock=raw[:348], check=False)
+    for name, value in fields.items():
+        header[name] = value
+    patched = header.binaryblock + raw[348:]
+    path.write_bytes(gzip.compress(patched) if compressed else patched)
     return path
 
 

@@ -7,9 +7,21 @@ Layout (DESIGN.md section 3)::
     <site>/<case_id>/<case_id>-t1n.nii.gz -t1c -t2w -t2f [-seg]         (BraTS 2023+ names)
 
 :func:`scan_site` never drops anything silently: every case folder or ``labels.csv`` row that cannot
-be used ends up in :attr:`SiteIndex.rejected` with the reason and the fix, and NIfTI files that match
-no expected name are listed in :attr:`SiteIndex.ignored`. Problems that make the whole site
-unreadable (``labels.csv`` missing or malformed) raise a :class:`SiteError`.
+be used ends up in :attr:`SiteIndex.rejected` with the reason, the fix and a :class:`Category`, and
+NIfTI files that match no expected name are listed in :attr:`SiteIndex.ignored`. An entry named like a
+sequence file that cannot be read as one (a broken symbolic link, a folder, an unreadable file, two
+names differing only by letter case) rejects its case: it is never taken for a missing sequence.
+Symbolic links leading out of the site folder reject their case unless allowed: they could pull in
+another center's cases (the held-out one). Problems that make the whole site unreadable
+(``labels.csv`` missing or malformed) raise a :class:`SiteError`.
+
+What leaves the site: :meth:`SiteIndex.rejection_counts` / :meth:`SiteIndex.rejection_summary` and
+``str(NoUsableCaseError)`` hold counts per category only, never a case ID, file name or path; the
+full local text is :attr:`NoUsableCaseError.detail` and ``fedglioma check-site``.
+
+The voxel checks look at the data as training will: scaled by the header's ``scl_slope`` /
+``scl_inter`` and converted to float32 (MONAI's ``LoadImaged``), with the mean and standard deviation
+of the non-zero voxels that z-scoring (``NormalizeIntensityd(nonzero=True)``) divides by.
 
 This module reads headers and voxels with nibabel only (no torch), so ``fedglioma check-site``
 stays light.
@@ -19,15 +31,21 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
+import gzip
 import io
 import math
+import os
+import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from common.contract import (
     ALLOWED_SEG_VALUES,
@@ -52,7 +70,15 @@ AFFINE_ATOL = 1e-3
 #: labels.csv ``grade``: WHO CNS grades accepted besides LGG/HGG (BraTS: LGG = WHO 2-3, HGG = 4).
 GRADE_ALIASES: Mapping[str, str] = {"2": "LGG", "3": "LGG", "4": "HGG", "ii": "LGG", "iii": "LGG", "iv": "HGG"}
 
+#: Largest number of voxels one file's header may declare. A BraTS sequence holds 240x240x155 (9e6)
+#: voxels; 512^3 (1.3e8) is 15 times that, and reading it costs at most 1 GiB (float64) plus its
+#: float32 copy. A header declaring more is rejected before any voxel is read, so a corrupt
+#: ``dim`` field cannot make the scan allocate gigabytes.
+MAX_VOXELS = 512**3
+
 SEG_KEY = "seg"
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SiteError(Exception):
@@ -68,7 +94,43 @@ class LabelsCsvError(SiteError):
 
 
 class NoUsableCaseError(SiteError):
-    """Every case of the site was rejected."""
+    """Every case of the site was rejected.
+
+    ``str(error)`` is the public text: counts per :class:`Category` and the fix, with no case ID, file
+    name or path (not even the site folder's), so it may be reported off the site. ``detail`` is the
+    full local text (site folder, every case ID, path, reason and fix) for the site's own log.
+    """
+
+    def __init__(self, public: str, detail: str) -> None:
+        super().__init__(public)
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep ``detail`` through pickling (worker processes)
+        return type(self), (str(self), self.detail)
+
+
+class Category(StrEnum):
+    """The kind of a rejection: a few words free of case IDs, file names and paths, so that counts
+    per category may leave the site."""
+
+    UNREADABLE_FOLDER = "unreadable folder"
+    UNREADABLE_FILE = "unreadable file"
+    NOT_A_FILE = "not a file"
+    BROKEN_SYMLINK = "broken symlink"
+    EXTERNAL_SYMLINK = "external symlink"
+    FILE_NAMING = "file naming"
+    NO_IMAGE = "no image file"
+    TRUNCATED = "truncated file"
+    BAD_HEADER = "bad header"
+    NOT_3D = "not 3-D"
+    SHAPE_MISMATCH = "shape mismatch"
+    AFFINE_MISMATCH = "affine mismatch"
+    NON_FINITE = "non-finite values"
+    CONSTANT = "constant image"
+    SEG_VALUES = "bad segmentation values"
+    UNKNOWN_LABEL = "unknown label"
+    NO_LABEL_ROW = "no labels.csv row"
+    NO_FOLDER = "no case folder"
 
 
 @dataclass(frozen=True)
@@ -96,12 +158,18 @@ class CaseRecord:
 
 @dataclass(frozen=True)
 class Rejection:
-    """A case (folder or labels.csv row) that is not used: why, and how to fix it."""
+    """A case (folder or labels.csv row) that is not used: why, how to fix it, and the category of
+    its first problem."""
 
     case_id: str
     path: Path
     reason: str
     fix: str
+    category: Category
+
+
+def _most_frequent_first(counts: Counter[str]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 @dataclass
@@ -121,8 +189,18 @@ class SiteIndex:
     def pattern_counts(self) -> dict[str, int]:
         """Number of usable cases per availability pattern, e.g. ``{"t1+t1ce+t2+flair": 10, "t2+flair": 3}``
         (most frequent first)."""
-        counts = Counter(availability_pattern(c.available) for c in self.cases)
-        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        return _most_frequent_first(Counter(availability_pattern(c.available) for c in self.cases))
+
+    def rejection_counts(self) -> dict[str, int]:
+        """Rejected cases per :class:`Category`, most frequent first; no case ID, file name or path."""
+        return _most_frequent_first(Counter(str(r.category) for r in self.rejected))
+
+    def rejection_summary(self) -> str:
+        """``"12 of 30 cases rejected: 8 shape mismatch, 4 unknown label"``: counts only, so it may
+        leave the site."""
+        text = f"{len(self.rejected)} of {len(self.cases) + len(self.rejected)} cases rejected"
+        counts = self.rejection_counts()
+        return text + (": " + ", ".join(f"{n} {category}" for category, n in counts.items()) if counts else "")
 
     def label_counts(self) -> dict[str, dict[str, int]]:
         """Per task, the number of usable cases per class name and ``"unknown"``."""
@@ -151,6 +229,7 @@ class SiteIndex:
             "root": str(self.root),
             "usable": len(self.cases),
             "rejected_count": len(self.rejected),
+            "rejection_counts": self.rejection_counts(),
             "complete": sum(all(c.available) for c in self.cases),
             "sequences": self.sequence_counts(),
             "patterns": self.pattern_counts(),
@@ -159,7 +238,7 @@ class SiteIndex:
             "legacy_et_remapped": self.legacy_et_cases(),
             "naming": dict(Counter(c.naming for c in self.cases)),
             "rejected": [
-                {"case_id": r.case_id, "path": str(r.path), "reason": r.reason, "fix": r.fix}
+                {"case_id": r.case_id, "path": str(r.path), "category": str(r.category), "reason": r.reason, "fix": r.fix}
                 for r in self.rejected
             ],
             "ignored_files": [str(p) for p in self.ignored],
@@ -308,11 +387,25 @@ def read_labels_csv(path: Path | str) -> dict[str, LabelRow]:
 # --------------------------------------------------------------------------------- case files
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a case: the file (or folder) at fault, why, and the fix."""
+    """One thing wrong with a case: the file (or folder) at fault, why, the fix, and its kind."""
 
     path: Path
     reason: str
     fix: str
+    category: Category
+
+
+_REEXPORT = "copy or export the file again from the source (it is truncated or corrupt)"
+_PERMISSION_FIX = (
+    "give the account that runs fedglioma read access to the case folder and its files "
+    "(e.g. `chmod -R u+rX` on the case folder, or ask whoever owns the data)"
+)
+_LINK_FIX = "point the symbolic link at the real file (or copy the file in its place), or delete it"
+_EXTERNAL_FIX = (
+    "copy the data into the site folder, or allow links out of it (`fedglioma check-site "
+    "--allow-external-links`, allow_external_links=True) if they are intended: a link out of the site "
+    "folder can pull in another center's cases, such as the held-out center's"
+)
 
 
 def _is_nifti(name: str) -> bool:
@@ -321,6 +414,57 @@ def _is_nifti(name: str) -> bool:
 
 def _expected_names(case_id: str, naming: str, key: str) -> list[str]:
     return [f"{case_id}{NAMING[naming][key]}{ext}" for ext in NIFTI_EXTENSIONS]
+
+
+def _read_failure(path: Path, exc: BaseException, what: str = "cannot be read") -> Problem:
+    """The problem of a file that could not be opened, parsed or decompressed."""
+    reason = f"{path.name} {what} ({type(exc).__name__}: {exc})"
+    if isinstance(exc, PermissionError):
+        return Problem(path, reason, _PERMISSION_FIX, Category.UNREADABLE_FILE)
+    truncated = isinstance(exc, EOFError)  # gzip stream ending early
+    return Problem(path, reason, _REEXPORT, Category.TRUNCATED if truncated else Category.UNREADABLE_FILE)
+
+
+def _broken_link(path: Path) -> str | None:
+    """Why the symbolic link ``path`` leads to nothing; None when it is not a broken link."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path.name} is a symbolic link that loops back on itself"
+        if exc.errno == errno.ENOENT:
+            return f"{path.name} is a symbolic link to {os.readlink(path)}, which does not exist"
+    return None
+
+
+def _entry_problem(path: Path) -> Problem | None:
+    """Why the folder entry ``path``, named like a sequence file, cannot be read as a file (None
+    when it is a readable regular file). Never opens anything but a regular file (a named pipe
+    would block)."""
+    try:
+        mode = path.stat().st_mode  # follows symbolic links
+    except OSError as exc:
+        broken = _broken_link(path)
+        if broken:
+            return Problem(path, broken, _LINK_FIX, Category.BROKEN_SYMLINK)
+        return _read_failure(path, exc)
+    if stat.S_ISDIR(mode):
+        return Problem(
+            path, f"{path.name} is a folder, not a file",
+            f"put the NIfTI file itself at {path.name} (move it out of the folder {path.name}/ and remove the folder)",
+            Category.NOT_A_FILE,
+        )
+    if not stat.S_ISREG(mode):
+        return Problem(path, f"{path.name} is not a regular file (a pipe, socket or device)",
+                       f"replace {path.name} by the NIfTI file itself", Category.NOT_A_FILE)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return _read_failure(path, exc)
+    return None
 
 
 @dataclass
@@ -337,23 +481,53 @@ class CaseFiles:
 def find_case_files(folder: Path) -> CaseFiles:
     """Match the files of one case folder against both naming conventions.
 
-    File names are matched case-insensitively (``_T1ce.nii.gz`` is accepted). Problems: a folder
-    mixing the two conventions, two files for one sequence (``.nii`` and ``.nii.gz``), or no image.
+    File names are matched case-insensitively (``_T1ce.nii.gz`` is accepted). Problems: the folder
+    cannot be listed; an entry named like a sequence file that is not a readable file (broken or
+    looping symbolic link, folder, pipe, no read permission); two names differing only by letter
+    case; a folder mixing the two conventions; two files for one sequence (``.nii`` and
+    ``.nii.gz``); no image.
     """
     case_id = folder.name
-    files = {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_file()}
+    result = CaseFiles()
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        result.problems.append(Problem(folder, f"the case folder {case_id}/ cannot be listed ({type(exc).__name__}: {exc})",
+                                       _PERMISSION_FIX, Category.UNREADABLE_FOLDER))
+        return result
+    keys = (*SEQUENCES, SEG_KEY)
+    expected = {name.lower() for naming in NAMING for key in keys for name in _expected_names(case_id, naming, key)}
+    by_name: dict[str, list[Path]] = defaultdict(list)
+    for entry in entries:
+        by_name[entry.name.lower()].append(entry)
+
+    files: dict[str, Path] = {}  # lower-case expected name -> readable regular file
+    for name, paths in by_name.items():
+        if name not in expected:
+            result.ignored += [p for p in paths if _is_nifti(p.name) and _entry_problem(p) is None]
+            continue
+        if len(paths) > 1:  # one would shadow the other: which one is the sequence?
+            result.problems.append(Problem(
+                paths[0], f"{' and '.join(p.name for p in paths)} differ only by letter case",
+                "keep exactly one of them (delete or rename the others)", Category.FILE_NAMING,
+            ))
+            continue
+        problem = _entry_problem(paths[0])
+        if problem is not None:
+            result.problems.append(problem)
+            continue
+        files[name] = paths[0]
+    if result.problems:  # the case is rejected; report these before guessing what else is wrong
+        return result
     found: dict[str, dict[str, list[Path]]] = {}
     for naming in NAMING:
         matches = {
             key: [files[n.lower()] for n in _expected_names(case_id, naming, key) if n.lower() in files]
-            for key in (*SEQUENCES, SEG_KEY)
+            for key in keys
         }
         matches = {k: v for k, v in matches.items() if v}
         if matches:
             found[naming] = matches
-    result = CaseFiles()
-    used = {p for m in found.values() for paths in m.values() for p in paths}
-    result.ignored = [p for p in files.values() if _is_nifti(p.name) and p not in used]
 
     if len(found) > 1:
         examples = [f"{m[next(iter(m))][0].name} ({n})" for n, m in found.items()]
@@ -361,14 +535,16 @@ def find_case_files(folder: Path) -> CaseFiles:
             folder, f"mixes the two naming conventions: {' and '.join(examples)}",
             "rename every file of the case to one convention: "
             + " or ".join(f"{case_id}{NAMING[n]['t1']}.nii.gz" for n in NAMING) + " style",
+            Category.FILE_NAMING,
         ))
         return result
     if not found or not any(k in found[next(iter(found))] for k in SEQUENCES):
-        present = ", ".join(p.name for p in files.values() if _is_nifti(p.name)) or "no NIfTI file"
-        expected = " or ".join(_expected_names(case_id, n, "t1")[0] for n in NAMING)
+        present = ", ".join(sorted(p.name for p in [*files.values(), *result.ignored])) or "no NIfTI file"
+        example = " or ".join(_expected_names(case_id, n, "t1")[0] for n in NAMING)
         result.problems.append(Problem(
             folder, f"has no image file matching the case name {case_id!r} (found: {present})",
-            f"name the files after the folder, e.g. {expected} (and _t1ce/_t2/_flair/_seg, or -t1c/-t2w/-t2f/-seg)",
+            f"name the files after the folder, e.g. {example} (and _t1ce/_t2/_flair/_seg, or -t1c/-t2w/-t2f/-seg)",
+            Category.NO_IMAGE,
         ))
         return result
     result.naming, matches = next(iter(found.items()))
@@ -376,6 +552,7 @@ def find_case_files(folder: Path) -> CaseFiles:
         if len(paths) > 1:
             result.problems.append(Problem(
                 paths[0], f"has two files for {key}: {', '.join(p.name for p in paths)}", "keep only one of them",
+                Category.FILE_NAMING,
             ))
             continue
         if key == SEG_KEY:
@@ -386,10 +563,23 @@ def find_case_files(folder: Path) -> CaseFiles:
     return result
 
 
+def _external_links(root: Path, folder: Path, files: CaseFiles) -> list[Problem]:
+    """Problems for the case folder or its files when a symbolic link leads out of ``root``
+    (resolved)."""
+    target = folder.resolve()
+    if not target.is_relative_to(root):
+        return [Problem(folder, f"the case folder {folder.name}/ is a symbolic link to {target}, outside the site "
+                        f"folder {root}", _EXTERNAL_FIX, Category.EXTERNAL_SYMLINK)]
+    problems = []
+    for path in [*files.images.values(), *([files.seg] if files.seg is not None else [])]:
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            problems.append(Problem(path, f"{path.name} is a symbolic link to {target}, outside the site folder {root}",
+                                    _EXTERNAL_FIX, Category.EXTERNAL_SYMLINK))
+    return problems
+
+
 # --------------------------------------------------------------------------------- validation
-_REEXPORT = "copy or export the file again from the source (it is truncated or corrupt)"
-
-
 def _regrid_fix(path: Path, reference: Path) -> str:
     return (
         f"register/resample {path.name} onto the grid of {reference.name} so that every sequence and "
@@ -397,15 +587,163 @@ def _regrid_fix(path: Path, reference: Path) -> str:
     )
 
 
+def _declared_bytes(img: Any) -> int:
+    """Bytes a NIfTI file must hold (uncompressed) for its header: voxel offset + voxels x item size."""
+    return int(img.dataobj.offset) + math.prod(int(n) for n in img.shape) * img.get_data_dtype().itemsize
+
+
+def _gzip_length(path: Path, at_least: int) -> int:
+    """Decompressed length of a gzip file, counted (not kept) until it reaches ``at_least``.
+
+    The trailer's ISIZE field (last 4 bytes) is the uncompressed length modulo 2^32 of the last
+    gzip member: never more than the real length, so ISIZE >= ``at_least`` settles it by reading 4
+    bytes (always, for the files nibabel, ITK or dcm2niix write: one member, far below 4 GiB).
+    Otherwise (a header that lies, a truncated or multi-member file) the stream is decompressed in
+    chunks and counted. Raises what reading raises (EOFError when truncated).
+    """
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(fh.read(4), "little")
+    if isize >= at_least:
+        return isize
+    total = 0
+    with gzip.open(path, "rb") as fh:
+        while total < at_least:
+            chunk = fh.read(1 << 24)
+            if not chunk:
+                break
+            total += len(chunk)
+    return total
+
+
+def _size_problem(path: Path, img: Any, max_voxels: int, deep: bool) -> Problem | None:
+    """Whether the header's declared size is sane (non-empty, at most ``max_voxels``) and held by
+    the file: its size for ``.nii``; for ``.nii.gz`` (``deep`` only: it may mean decompressing) the
+    decompressed length. Checked before nibabel allocates the declared size to read the voxels."""
+    shape = tuple(int(n) for n in img.shape)
+    n_voxels = math.prod(shape)
+    if n_voxels == 0:
+        return Problem(path, f"{path.name}'s header declares an empty volume (shape {shape})", _REEXPORT,
+                       Category.BAD_HEADER)
+    if n_voxels > max_voxels:
+        return Problem(
+            path, f"{path.name}'s header declares {'x'.join(map(str, shape))} = {n_voxels:,} voxels, more than the "
+            f"{max_voxels:,} allowed per file",
+            "check the file's header (dim field; a brain MRI sequence holds about 240x240x155 voxels); if the volume "
+            "really is that large, resample it to about 1 mm voxels or raise max_voxels",
+            Category.BAD_HEADER,
+        )
+    declared = _declared_bytes(img)
+    if not path.name.lower().endswith(".gz"):
+        held, holds = path.stat().st_size, "the file holds only"
+    elif deep:
+        held, holds = _gzip_length(path, declared), "the file decompresses to only"
+    else:
+        return None
+    if held >= declared:
+        return None
+    return Problem(
+        path, f"{path.name}'s header declares {shape} voxels of {img.get_data_dtype()} ({declared:,} bytes with the "
+        f"header) but {holds} {held:,} bytes", _REEXPORT, Category.TRUNCATED,
+    )
+
+
+def _header_problem(path: Path, img: Any, max_voxels: int, deep: bool) -> Problem | None:
+    """What is wrong with a loaded file's header (no voxel is read): declared size
+    (:func:`_size_problem`), dimensionality, voxel size and affine."""
+    size_problem = _size_problem(path, img, max_voxels, deep)
+    if size_problem is not None:
+        return size_problem
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) != 3:
+        return Problem(path, f"{path.name} has shape {shape}, expected a 3-D volume",
+                       "save each sequence (and the segmentation) as its own 3-D volume", Category.NOT_3D)
+    # nib.load replaces a zero voxel size by 1 mm and a negative one by its absolute value (and an
+    # affine built from the qform would use that guess): read the stored pixdim.
+    with ImageOpener(path) as fh:
+        raw = type(img.header).from_fileobj(fh, check=False)
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+        return Problem(
+            path, f"{path.name}'s header has voxel size (pixdim) {', '.join(f'{v:g}' for v in pixdim)} mm: every "
+            "spatial voxel size must be positive", f"export {path.name} again with its real voxel size", Category.BAD_HEADER,
+        )
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not (np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0):
+        return Problem(path, f"{path.name}'s voxel-to-world matrix (affine) is not finite or not invertible",
+                       f"export {path.name} again with a valid orientation (qform/sform)", Category.BAD_HEADER)
+    return None
+
+
+def _values_problem(key: str, path: Path, img: Any, data: np.ndarray, as_float32: np.ndarray) -> Problem | None:
+    """Non-finite values: in the file, or appearing when training converts the (scaled) data to
+    float32; for images also a mean or standard deviation of the non-zero voxels (what z-scoring
+    divides by) beyond float32."""
+    in_file = int(data.size - np.count_nonzero(np.isfinite(data))) if data.dtype.kind in "fc" else 0
+    if in_file:
+        return Problem(path, f"{path.name} has {in_file} non-finite (NaN/inf) voxels",
+                       f"re-export {path.name} or replace its NaN/inf voxels (e.g. by 0 outside the brain)",
+                       Category.NON_FINITE)
+    slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    scaling = f" once the header's scl_slope {slope:g} and scl_inter {inter:g} are applied" if (slope, inter) != (1.0, 0.0) else ""
+    fix = (f"re-export {path.name} with intensities in a usual range"
+           + (" and the header's scl_slope/scl_inter set to what the scanner wrote (usually 1 and 0)" if scaling else ""))
+    overflow = int(as_float32.size - np.count_nonzero(np.isfinite(as_float32)))
+    if overflow:
+        return Problem(path, f"{path.name} has {overflow} voxel{'s' * (overflow != 1)} beyond the float32 range "
+                       f"(|value| > {_FLOAT32_MAX:.3g})"
+                       f"{scaling}; training loads images as float32", fix, Category.NON_FINITE)
+    if key == SEG_KEY:
+        return None
+    brain = as_float32[as_float32 != 0]
+    if brain.size:
+        # z-scoring sums in float32: that sum and the standard deviation must stay finite there
+        total, std = float(brain.sum(dtype=np.float64)), float(brain.std(dtype=np.float64))
+        if not (abs(total) <= _FLOAT32_MAX and std <= _FLOAT32_MAX):
+            return Problem(
+                path, f"{path.name}'s non-zero voxels sum to {total:.3g} with standard deviation {std:.3g}{scaling}: "
+                f"beyond float32 (max {_FLOAT32_MAX:.3g}), so z-scoring them for training gives NaN", fix,
+                Category.NON_FINITE,
+            )
+    return None
+
+
+def _content_problem(key: str, path: Path, values: np.ndarray, as_float32: np.ndarray) -> Problem | None:
+    """Segmentation values outside ALLOWED_SEG_VALUES, or a constant image."""
+    if key == SEG_KEY:
+        unexpected = [v for v in values.tolist() if v not in ALLOWED_SEG_VALUES]
+        if not unexpected:
+            return None
+        shown = ", ".join(f"{v:g}" for v in unexpected[:10]) + (" ..." if len(unexpected) > 10 else "")
+        return Problem(
+            path,
+            f"{path.name} has label values {shown} (found {', '.join(f'{v:g}' for v in values[:10].tolist())}"
+            f"{' ...' if len(values) > 10 else ''}; allowed: {', '.join(map(str, sorted(ALLOWED_SEG_VALUES)))})",
+            "relabel to 0 background, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing tumor "
+            f"({LEGACY_ET} is accepted as legacy enhancing tumor)",
+            Category.SEG_VALUES,
+        )
+    if as_float32.size and as_float32.min() == as_float32.max():
+        return Problem(
+            path, f"{path.name} is constant (every voxel is {float(as_float32.flat[0]):g})",
+            f"re-export {path.name}: an empty volume carries no image, or delete it to mark the sequence missing",
+            Category.CONSTANT,
+        )
+    return None
+
+
 def validate_case_files(
-    images: Mapping[str, Path], seg: Path | None, *, deep: bool = True
+    images: Mapping[str, Path], seg: Path | None, *, deep: bool = True, max_voxels: int = MAX_VOXELS
 ) -> tuple[list[Problem], bool]:
     """Check the files of one case; returns (problems, uses_legacy_et_label).
 
-    Header checks (always): readable NIfTI, 3-D, every file on the grid of the first image (same
-    shape; affines within :data:`AFFINE_ATOL`). Voxel checks (``deep``; each file is read exactly
-    once, one at a time): images finite and not constant; segmentation finite and its values
-    within ALLOWED_SEG_VALUES.
+    Header checks (always): readable NIfTI; declared size at most ``max_voxels`` voxels and held by
+    the file (for ``.nii.gz`` only when ``deep``); 3-D; positive voxel sizes; a finite invertible
+    affine; every file on the grid of the first image (same shape; affines within
+    :data:`AFFINE_ATOL`). Voxel checks (``deep``; each file is read exactly once, one at a time):
+    finite once scaled and converted to float32 as training loads it; images not constant and with
+    a mean/standard deviation that z-scoring can use; segmentation values within
+    ALLOWED_SEG_VALUES.
     """
     problems: list[Problem] = []
     headers: dict[str, Any] = {}
@@ -413,14 +751,12 @@ def validate_case_files(
     for key, path in files.items():
         try:
             img = nib.load(path)  # reads the header only; voxels stay on disk
+            problem = _header_problem(path, img, max_voxels, deep)
         except Exception as exc:  # any failure to parse means the file is unusable; say why
-            problems.append(Problem(path, f"{path.name} cannot be read as NIfTI ({type(exc).__name__}: {exc})", _REEXPORT))
+            problems.append(_read_failure(path, exc, "cannot be read as NIfTI"))
             continue
-        if len(img.shape) != 3:
-            problems.append(Problem(
-                path, f"{path.name} has shape {tuple(img.shape)}, expected a 3-D volume",
-                "save each sequence (and the segmentation) as its own 3-D volume",
-            ))
+        if problem is not None:
+            problems.append(problem)
             continue
         headers[key] = img
 
@@ -435,7 +771,7 @@ def validate_case_files(
             if tuple(img.shape) != tuple(ref.shape):
                 problems.append(Problem(
                     path, f"{path.name} has shape {tuple(img.shape)} but {ref_path.name} has {tuple(ref.shape)}",
-                    _regrid_fix(path, ref_path),
+                    _regrid_fix(path, ref_path), Category.SHAPE_MISMATCH,
                 ))
                 continue
             diff = float(np.abs(np.asarray(img.affine) - np.asarray(ref.affine)).max())
@@ -444,7 +780,7 @@ def validate_case_files(
                     path,
                     f"{path.name}'s affine differs from {ref_path.name}'s by up to {diff:.4g} "
                     f"(max absolute difference of the voxel-to-world matrices; tolerance {AFFINE_ATOL})",
-                    _regrid_fix(path, ref_path),
+                    _regrid_fix(path, ref_path), Category.AFFINE_MISMATCH,
                 ))
 
     legacy = False
@@ -453,36 +789,19 @@ def validate_case_files(
     for key, img in headers.items():
         path = files[key]
         try:
-            data = np.asanyarray(img.dataobj)  # decompresses once; no float64 copy unless scaled
+            data = np.asanyarray(img.dataobj)  # decompresses once; scaled (float64) when the header scales
         except Exception as exc:  # truncated gzip -> EOFError/zlib.error, short .nii -> OSError
-            problems.append(Problem(path, f"{path.name} cannot be read ({type(exc).__name__}: {exc})", _REEXPORT))
+            problems.append(_read_failure(path, exc))
             continue
-        if data.dtype.kind in "fc":
-            bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-            if bad:
-                problems.append(Problem(
-                    path, f"{path.name} has {bad} non-finite (NaN/inf) voxels",
-                    f"re-export {path.name} or replace its NaN/inf voxels (e.g. by 0 outside the brain)",
-                ))
-                continue
-        if key == SEG_KEY:
-            values = np.unique(data)
-            unexpected = [v for v in values.tolist() if v not in ALLOWED_SEG_VALUES]
-            if unexpected:
-                shown = ", ".join(f"{v:g}" for v in unexpected[:10]) + (" ..." if len(unexpected) > 10 else "")
-                problems.append(Problem(
-                    path,
-                    f"{path.name} has label values {shown} (found {', '.join(f'{v:g}' for v in values[:10].tolist())}"
-                    f"{' ...' if len(values) > 10 else ''}; allowed: {', '.join(map(str, sorted(ALLOWED_SEG_VALUES)))})",
-                    "relabel to 0 background, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing tumor "
-                    f"({LEGACY_ET} is accepted as legacy enhancing tumor)",
-                ))
-            legacy = LEGACY_ET in values
-        elif data.size and data.min() == data.max():
-            problems.append(Problem(
-                path, f"{path.name} is constant (every voxel is {float(data.flat[0]):g})",
-                f"re-export {path.name}: an empty volume carries no image, or delete it to mark the sequence missing",
-            ))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is what _values_problem looks for
+            as_float32 = np.asarray(data, dtype=np.float32)  # what MONAI's LoadImaged hands to training
+        problem = _values_problem(key, path, img, data, as_float32)
+        if problem is None:
+            values = np.unique(as_float32) if key == SEG_KEY else as_float32
+            problem = _content_problem(key, path, values, as_float32)
+            legacy = legacy or (key == SEG_KEY and LEGACY_ET in values)
+        if problem is not None:
+            problems.append(problem)
     return problems, legacy
 
 
@@ -494,16 +813,23 @@ def _case_folders(root: Path) -> list[Path]:
 def _rejection(case_id: str, problems: Sequence[Problem]) -> Rejection:
     fixes = list(dict.fromkeys(p.fix for p in problems))  # de-duplicated, in order
     return Rejection(case_id, problems[0].path, "; ".join(p.reason for p in problems), " ".join(
-        f if f.endswith(".") else f + "." for f in fixes))
+        f if f.endswith(".") else f + "." for f in fixes), problems[0].category)
 
 
-def scan_site(root: Path | str, *, deep: bool = True) -> SiteIndex:
+def scan_site(
+    root: Path | str, *, deep: bool = True, allow_external_links: bool = False, max_voxels: int = MAX_VOXELS
+) -> SiteIndex:
     """Discover and validate every case of a site folder.
 
     Args:
         root: the site folder (one subfolder per case and a labels.csv).
-        deep: also read every voxel (truncated files, NaN/inf, constant volumes, segmentation
-            values); False checks names, labels.csv and headers only (shape, affine).
+        deep: also read every voxel (truncated files, NaN/inf or float32 overflow, constant
+            volumes, segmentation values); False checks names, labels.csv and headers only (shape,
+            affine, voxel size, declared size).
+        allow_external_links: accept case folders and files that are symbolic links leading out of
+            ``root``. Off by default: such a link can pull another center's cases (the held-out
+            one) into this site's training.
+        max_voxels: largest number of voxels a file's header may declare (:data:`MAX_VOXELS`).
 
     Returns:
         The :class:`SiteIndex`: usable cases sorted by case_id, and a rejection for every folder or
@@ -532,18 +858,21 @@ def scan_site(root: Path | str, *, deep: bool = True) -> SiteIndex:
         found = find_case_files(folder)
         index.ignored += found.ignored
         problems = list(found.problems)
+        external = [] if allow_external_links else _external_links(root, folder, found)
+        problems += external
         row = rows.get(case_id)
         if row is None:
             problems.append(Problem(
                 csv_path, f"has no row in {LABELS_CSV}",
                 f"add a row for {case_id} to {csv_path} (e.g. '{case_id},,,,'; empty values mark labels unknown)",
+                Category.NO_LABEL_ROW,
             ))
         else:
             problems += [Problem(csv_path, p, f"correct {LABELS_CSV} line {row.line} or leave the value empty "
-                                  "to mark the label unknown") for p in row.problems]
+                                 "to mark the label unknown", Category.UNKNOWN_LABEL) for p in row.problems]
         legacy = False
-        if found.images:
-            file_problems, legacy = validate_case_files(found.images, found.seg, deep=deep)
+        if found.images and not external:  # data from outside the site is not read
+            file_problems, legacy = validate_case_files(found.images, found.seg, deep=deep, max_voxels=max_voxels)
             problems += file_problems
         if problems:
             index.rejected.append(_rejection(case_id, problems))
@@ -556,29 +885,45 @@ def scan_site(root: Path | str, *, deep: bool = True) -> SiteIndex:
 
     folder_names = {f.name for f in folders}
     for case_id, row in rows.items():
-        if case_id not in folder_names:
+        if case_id in folder_names:
+            continue
+        broken = _broken_link(root / case_id)
+        if broken:
             index.rejected.append(Rejection(
-                case_id, root / case_id,
-                f"listed in {LABELS_CSV} (line {row.line}) but no folder {case_id}/ exists",
-                f"add the folder {root / case_id} with its images, or remove line {row.line} from {LABELS_CSV}.",
+                case_id, root / case_id, f"listed in {LABELS_CSV} (line {row.line}) but the case folder {broken}",
+                f"point the symbolic link {root / case_id} at the real case folder (or move the folder in its place), "
+                f"or remove line {row.line} from {LABELS_CSV}.", Category.BROKEN_SYMLINK,
             ))
+            continue
+        index.rejected.append(Rejection(
+            case_id, root / case_id,
+            f"listed in {LABELS_CSV} (line {row.line}) but no folder {case_id}/ exists",
+            f"add the folder {root / case_id} with its images, or remove line {row.line} from {LABELS_CSV}.",
+            Category.NO_FOLDER,
+        ))
     index.ignored.sort()
     return index
 
 
-def load_site(root: Path | str) -> SiteIndex:
-    """:func:`scan_site` (deep) for training/evaluation; raises :class:`NoUsableCaseError` naming
-    the site and summarising the rejection reasons when no case is usable."""
-    index = scan_site(root, deep=True)
-    if not index.cases:
-        shown = "; ".join(f"{r.case_id}: {r.reason}" for r in index.rejected[:5])
-        more = f" (and {len(index.rejected) - 5} more)" if len(index.rejected) > 5 else ""
-        raise NoUsableCaseError(
-            f"site {index.name} ({index.root}) has no usable case"
-            + (f": {len(index.rejected)} rejected - {shown}{more}" if index.rejected else ": it holds no case folder")
-            + f". Fix: run `fedglioma check-site {index.root}` for every reason and fix."
-        )
-    return index
+def load_site(
+    root: Path | str, *, allow_external_links: bool = False, max_voxels: int = MAX_VOXELS
+) -> SiteIndex:
+    """:func:`scan_site` (deep) for training/evaluation.
+
+    Raises:
+        NoUsableCaseError: no case is usable. Its text holds counts per category only (it may
+            leave the site); its ``detail`` names the site folder and every rejected case.
+    """
+    index = scan_site(root, deep=True, allow_external_links=allow_external_links, max_voxels=max_voxels)
+    if index.cases:
+        return index
+    what = index.rejection_summary() if index.rejected else "the site folder holds no case folder"
+    public = (f"no usable case at this site ({what}). Fix: run `fedglioma check-site <site folder>` at the site "
+              "for each case's reason and fix")
+    lines = [f"site {index.name} ({index.root}) has no usable case: {what}"]
+    lines += [f"  {r.case_id} ({r.path}) [{r.category}]: {r.reason}. Fix: {r.fix}" for r in index.rejected]
+    lines.append(f"Fix: run `fedglioma check-site {index.root}` for every reason and fix.")
+    raise NoUsableCaseError(public, "\n".join(lines))
 
 
 # --------------------------------------------------------------------------------- split

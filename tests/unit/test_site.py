@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import os
+import pickle
 import random
+import tracemalloc
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -12,16 +18,19 @@ import pytest
 
 from common.contract import LABELS_CSV_COLUMNS, SEQUENCES, TASKS, UNKNOWN_LABEL
 from common.data.site import (
+    MAX_VOXELS,
     CaseRecord,
+    Category,
     LabelsCsvError,
     NoUsableCaseError,
+    Rejection,
     SiteNotFoundError,
     load_site,
     parse_label,
     scan_site,
     split_cases,
 )
-from tests.helpers import SITE_CASES, case_path, write_case, write_labels_csv, write_nifti
+from tests.helpers import SITE_CASES, case_path, patch_header, write_case, write_labels_csv, write_nifti
 
 ROW = ("wildtype", "intact", "HGG", "methylated")
 
@@ -70,6 +79,27 @@ def test_parse_label_rejects_unknown_strings(task: str, raw: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ bad cases
+def _good_and_bad(tmp_path: Path, **bad_case: Any) -> Path:
+    """A site ``tmp_path/site-x`` with two valid cases, "good" and "bad" (``write_case`` options)."""
+    site = tmp_path / "site-x"
+    write_case(site, "good")
+    write_case(site, "bad", **bad_case)
+    write_labels_csv(site, [("good", *ROW), ("bad", *ROW)])
+    return site
+
+
+def _only_bad_rejected(site: Path, category: Category, *reason_parts: str, **scan: Any) -> Rejection:
+    """Scan ``site`` (it must not raise): "good" stays usable, "bad" alone is rejected with
+    ``category`` and a reason holding every part."""
+    index = scan_site(site, **scan)
+    assert [c.case_id for c in index.cases] == ["good"]
+    (rejection,) = index.rejected
+    assert rejection.case_id == "bad" and rejection.category == category, rejection
+    for part in reason_parts:
+        assert part in rejection.reason
+    return rejection
+
+
 def _rewrite(path: Path, edit) -> None:
     """Load a NIfTI, change its data/affine with ``edit(data, affine) -> (data, affine)``, save."""
     img = nib.load(path)
@@ -125,40 +155,36 @@ def _no_image(site: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("breaker", "file_name", "reason_parts", "fix_part"),
+    ("breaker", "file_name", "reason_parts", "fix_part", "category"),
     [
-        (_truncate, "bad_t1ce.nii.gz", ["bad_t1ce.nii.gz cannot be read", "EOFError"], "export the file again"),
+        (_truncate, "bad_t1ce.nii.gz", ["bad_t1ce.nii.gz cannot be read", "EOFError"], "export the file again",
+         Category.TRUNCATED),
         (_shape, "bad_t2.nii.gz", ["bad_t2.nii.gz has shape (16, 16, 12) but bad_t1.nii.gz has (16, 16, 16)"],
-         "resample bad_t2.nii.gz onto the grid of bad_t1.nii.gz"),
+         "resample bad_t2.nii.gz onto the grid of bad_t1.nii.gz", Category.SHAPE_MISMATCH),
         (_affine, "bad_flair.nii.gz", ["bad_flair.nii.gz's affine differs from bad_t1.nii.gz's by up to 0.5"],
-         "share one shape and affine"),
-        (_nan, "bad_t1.nii.gz", ["bad_t1.nii.gz has 2 non-finite (NaN/inf) voxels"], "replace its NaN/inf"),
+         "share one shape and affine", Category.AFFINE_MISMATCH),
+        (_nan, "bad_t1.nii.gz", ["bad_t1.nii.gz has 2 non-finite (NaN/inf) voxels"], "replace its NaN/inf",
+         Category.NON_FINITE),
         (_seg_values, "bad_seg.nii.gz", ["bad_seg.nii.gz has label values 5, 7", "found 0, 1, 2, 3, 5, 7"],
-         "relabel to 0 background"),
+         "relabel to 0 background", Category.SEG_VALUES),
         (_mixed_naming, "bad", ["mixes the two naming conventions", "bad_t1.nii.gz (brats2021)",
-                                "bad-t2w.nii.gz (brats2023)"], "rename every file"),
-        (_two_extensions, "bad_t1.nii.gz", ["two files for t1: bad_t1.nii.gz, bad_t1.nii"], "keep only one"),
+                                "bad-t2w.nii.gz (brats2023)"], "rename every file", Category.FILE_NAMING),
+        (_two_extensions, "bad_t1.nii.gz", ["two files for t1: bad_t1.nii.gz, bad_t1.nii"], "keep only one",
+         Category.FILE_NAMING),
         (_no_image, "bad", ["no image file matching the case name 'bad'", "scan_t1.nii.gz"],
-         "name the files after the folder"),
+         "name the files after the folder", Category.NO_IMAGE),
     ],
     ids=["truncated-gzip", "shape", "affine", "nan-inf", "seg-values", "mixed-naming", "two-extensions", "no-image"],
 )
 def test_broken_case_is_rejected_with_file_reason_and_fix(
-    tmp_path: Path, breaker, file_name: str, reason_parts: list[str], fix_part: str
+    tmp_path: Path, breaker, file_name: str, reason_parts: list[str], fix_part: str, category: Category
 ) -> None:
-    site = tmp_path / "site-x"
-    write_case(site, "good")
-    write_case(site, "bad")
-    write_labels_csv(site, [("good", *ROW), ("bad", *ROW)])
+    site = _good_and_bad(tmp_path)
     breaker(site)
 
-    index = scan_site(site)
+    rejection = _only_bad_rejected(site, category, *reason_parts)
 
-    assert [c.case_id for c in index.cases] == ["good"]
-    (rejection,) = index.rejected
-    assert rejection.case_id == "bad" and rejection.path.name == file_name
-    for part in reason_parts:
-        assert part in rejection.reason
+    assert rejection.path.name == file_name
     assert fix_part in rejection.fix
 
 
@@ -237,8 +263,10 @@ def test_missing_folder_and_no_usable_case_errors(tmp_path: Path) -> None:
     assert scan_site(site).cases == []
     with pytest.raises(NoUsableCaseError) as info:
         load_site(site)
-    assert "site site-z" in str(info.value) and "c1: labels.csv line 2, column idh" in str(info.value)
+    assert "1 of 1 cases rejected: 1 unknown label" in str(info.value)
     assert "fedglioma check-site" in str(info.value)
+    assert "site site-z" in info.value.detail and "c1 (" in info.value.detail
+    assert "labels.csv line 2, column idh" in info.value.detail
 
 
 def test_shallow_scan_checks_headers_but_not_voxels(tmp_path: Path) -> None:
@@ -254,6 +282,227 @@ def test_shallow_scan_checks_headers_but_not_voxels(tmp_path: Path) -> None:
 
     assert [c.case_id for c in shallow.cases] == ["trunc"] and [r.case_id for r in shallow.rejected] == ["shape"]
     assert deep.cases == [] and sorted(r.case_id for r in deep.rejected) == ["shape", "trunc"]
+
+
+# ------------------------------------------------------------------------------------ what training would see
+def _as_float64_with_1e39(site: Path) -> None:
+    def poison(data, affine):
+        data = data.astype(np.float64)
+        data[8, 8, 8] = 1e39  # finite in float64, inf once loaded as float32
+        return data, affine
+
+    _rewrite(case_path(site, "bad", "t1"), poison)
+
+
+def _huge_scl_slope(site: Path) -> None:
+    patch_header(case_path(site, "bad", "t1"), scl_slope=1e37)  # 300 * 1e37 overflows float32
+
+
+def _sum_beyond_float32(site: Path) -> None:
+    # every voxel fits float32 (< 1e38), but their sum, which z-scoring takes in float32, does not
+    _rewrite(case_path(site, "bad", "t1"), lambda data, affine: (data * np.float32(1e35), affine))
+
+
+@pytest.mark.parametrize(
+    ("breaker", "reason_parts", "fix_part"),
+    [
+        (_as_float64_with_1e39, ["bad_t1.nii.gz has 1 voxel beyond the float32 range"], "usual range"),
+        (_huge_scl_slope, ["bad_t1.nii.gz has", "beyond the float32 range", "scl_slope 1e+37"], "scl_slope"),
+        (_sum_beyond_float32, ["bad_t1.nii.gz's non-zero voxels sum to", "z-scoring them for training gives NaN"],
+         "usual range"),
+    ],
+    ids=["float64-1e39", "scl_slope-1e37", "float32-sum-overflow"],
+)
+def test_values_are_checked_as_float32_like_training_loads_them(
+    tmp_path: Path, breaker, reason_parts: list[str], fix_part: str
+) -> None:
+    site = _good_and_bad(tmp_path)
+    breaker(site)
+    rejection = _only_bad_rejected(site, Category.NON_FINITE, *reason_parts)
+    assert fix_part in rejection.fix and rejection.path.name == "bad_t1.nii.gz"
+
+
+# ------------------------------------------------------------------------------------ entries that are not files
+def _replace_t2(site: Path, make) -> None:
+    path = case_path(site, "bad", "t2")
+    path.unlink()
+    make(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "category", "reason_part"),
+    [
+        (lambda p: p.symlink_to("gone_t2.nii.gz"), Category.BROKEN_SYMLINK,
+         "bad_t2.nii.gz is a symbolic link to gone_t2.nii.gz, which does not exist"),
+        (lambda p: p.symlink_to(p.name), Category.BROKEN_SYMLINK, "bad_t2.nii.gz is a symbolic link that loops"),
+        (lambda p: p.mkdir(), Category.NOT_A_FILE, "bad_t2.nii.gz is a folder, not a file"),
+        (lambda p: os.mkfifo(p), Category.NOT_A_FILE, "bad_t2.nii.gz is not a regular file"),
+    ],
+    ids=["dangling-symlink", "looping-symlink", "folder", "named-pipe"],
+)
+def test_entry_named_like_a_sequence_but_not_a_file_rejects_the_case(
+    tmp_path: Path, make, category: Category, reason_part: str
+) -> None:
+    # before: skipped as if the sequence were missing, and the case was used without its T2
+    site = _good_and_bad(tmp_path)
+    _replace_t2(site, make)
+    rejection = _only_bad_rejected(site, category, reason_part)
+    assert rejection.path.name == "bad_t2.nii.gz"
+
+
+def test_names_differing_only_by_case_reject_the_case(tmp_path: Path) -> None:
+    # before: one of the two files was silently dropped
+    site = _good_and_bad(tmp_path)
+    (site / "bad" / "bad_T1.nii.gz").write_bytes(case_path(site, "bad", "t2").read_bytes())
+    rejection = _only_bad_rejected(site, Category.FILE_NAMING, "bad_T1.nii.gz and bad_t1.nii.gz differ only by letter case")
+    assert "keep exactly one" in rejection.fix
+
+
+def _deny(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``path`` unreadable: chmod 000, or, as root (who reads everything), have the listing and
+    opening of exactly that path fail with EACCES as the OS would."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return
+    real_iterdir, real_open = Path.iterdir, builtins.open
+
+    def refuse(target: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+    monkeypatch.setattr(Path, "iterdir", lambda self: refuse(self) if self == path else real_iterdir(self))
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: refuse(file) if str(file) == str(path)
+                        else real_open(file, *a, **k))
+
+
+@pytest.mark.parametrize(
+    ("target", "category", "reason_part"),
+    [
+        (lambda site: site / "bad", Category.UNREADABLE_FOLDER, "the case folder bad/ cannot be listed (PermissionError"),
+        (lambda site: case_path(site, "bad", "t1ce"), Category.UNREADABLE_FILE,
+         "bad_t1ce.nii.gz cannot be read (PermissionError"),
+    ],
+    ids=["folder", "file"],
+)
+def test_permission_denied_rejects_that_case_not_the_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target, category: Category, reason_part: str
+) -> None:
+    # before: an unreadable folder crashed the scan; an unreadable file was "corrupt, export again"
+    site = _good_and_bad(tmp_path)
+    path = target(site.resolve())
+    _deny(path, monkeypatch)
+    try:
+        rejection = _only_bad_rejected(site, category, reason_part)
+    finally:
+        path.chmod(0o755)  # let pytest clean up
+    assert "read access" in rejection.fix
+
+
+# ------------------------------------------------------------------------------------ headers
+@pytest.mark.parametrize(
+    ("ext", "dim", "category", "reason_part"),
+    [
+        (".nii.gz", 1200, Category.BAD_HEADER,
+         f"bad_t1.nii.gz's header declares 1200x1200x1200 = 1,728,000,000 voxels, more than the {MAX_VOXELS:,}"),
+        (".nii.gz", 256, Category.TRUNCATED, "but the file decompresses to only"),
+        (".nii", 128, Category.TRUNCATED, "but the file holds only"),
+    ],
+    ids=["beyond-max-voxels", "gzip-shorter-than-header", "nii-shorter-than-header"],
+)
+def test_declared_size_is_checked_before_voxels_are_read(
+    tmp_path: Path, ext: str, dim: int, category: Category, reason_part: str
+) -> None:
+    site = _good_and_bad(tmp_path, ext=ext)
+    path = case_path(site, "bad", "t1", ext=ext)
+    patch_header(path, dim=[3, dim, dim, dim, 1, 1, 1, 1])
+
+    tracemalloc.start()
+    try:
+        rejection = _only_bad_rejected(site, category, reason_part)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # before: nibabel allocated the declared size (7 GB for 1200^3 float32) before finding it missing
+    assert peak < 32 * 2**20, peak
+    assert rejection.path == path.resolve()
+
+
+@pytest.mark.parametrize("size", [0.0, -1.0, float("nan")])
+def test_non_positive_voxel_size_is_rejected(tmp_path: Path, size: float) -> None:
+    # before: nibabel turned 0 into 1 mm and -1 into 1 mm without a word
+    site = _good_and_bad(tmp_path)
+    patch_header(case_path(site, "bad", "t2"), pixdim=[1, 1, size, 1, 1, 1, 1, 1])
+    rejection = _only_bad_rejected(site, Category.BAD_HEADER, "bad_t2.nii.gz's header has voxel size (pixdim) 1, ")
+    assert "real voxel size" in rejection.fix
+
+
+# ------------------------------------------------------------------------------------ symbolic links
+def _link_case_folder(site: Path, outside: Path) -> None:
+    (site / "bad").rename(outside / "bad")
+    (site / "bad").symlink_to(outside / "bad", target_is_directory=True)
+
+
+def _link_file(site: Path, outside: Path) -> None:
+    path = case_path(site, "bad", "t1")
+    path.rename(outside / path.name)
+    path.symlink_to(outside / path.name)
+
+
+@pytest.mark.parametrize(
+    ("link", "reason_part"),
+    [(_link_case_folder, "the case folder bad/ is a symbolic link to "),
+     (_link_file, "bad_t1.nii.gz is a symbolic link to ")],
+    ids=["case-folder", "file"],
+)
+def test_symlinks_out_of_the_site_are_rejected_unless_allowed(tmp_path: Path, link, reason_part: str) -> None:
+    # before: followed, so another center's (e.g. the held-out center's) case could train here
+    site = _good_and_bad(tmp_path)
+    outside = tmp_path / "heldout"
+    outside.mkdir()
+    link(site, outside)
+    # a link that stays inside the site folder is fine
+    pool = site / ".pool"
+    pool.mkdir()
+    flair = case_path(site, "good", "flair")
+    flair.rename(pool / flair.name)
+    flair.symlink_to(pool / flair.name)
+
+    rejection = _only_bad_rejected(site, Category.EXTERNAL_SYMLINK, reason_part, "outside the site folder")
+
+    assert "--allow-external-links" in rejection.fix
+    allowed = scan_site(site, allow_external_links=True)
+    assert [c.case_id for c in allowed.cases] == ["bad", "good"] and allowed.rejected == []
+
+
+def test_listed_case_whose_folder_is_a_broken_link_says_so(tmp_path: Path) -> None:
+    site = _good_and_bad(tmp_path)
+    (site / "bad").rename(tmp_path / "moved")
+    (site / "bad").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    _only_bad_rejected(site, Category.BROKEN_SYMLINK, "labels.csv (line 3) but the case folder bad is a symbolic link")
+
+
+# ------------------------------------------------------------------------------------ what may leave the site
+def test_no_usable_case_error_text_holds_no_case_id_file_name_or_path(tmp_path: Path) -> None:
+    site = tmp_path / "hospital-x-private"
+    ids = ["BraTS-GLI-00017", "BraTS-GLI-00042", "BraTS-GLI-00101", "BraTS-GLI-00230"]
+    for case_id in ids[:3]:
+        write_case(site, case_id)
+    write_labels_csv(site, [(ids[0], "maybe", "", "", ""), (ids[1], *ROW), (ids[3], *ROW)])  # 00101: no row
+    write_nifti(case_path(site, ids[1], "t2"), np.ones((16, 16, 8), np.float32))
+
+    with pytest.raises(NoUsableCaseError) as info:
+        load_site(site)
+
+    public = str(info.value)
+    assert "4 of 4 cases rejected: 1 no case folder, 1 no labels.csv row, 1 shape mismatch, 1 unknown label" in public
+    assert "`fedglioma check-site <site folder>`" in public
+    secrets = [*ids, site.name, str(tmp_path), str(site.resolve()), "nii", "labels.csv line", "/"]
+    secrets += [p.name for p in site.rglob("*") if p.name != "labels.csv"]  # the contract's name, the same everywhere
+    assert [s for s in secrets if s in public] == []
+    assert scan_site(site).rejection_summary() in public
+    detail = info.value.detail
+    assert str(site.resolve()) in detail and all(case_id in detail for case_id in ids)
+    assert "BraTS-GLI-00042_t2.nii.gz has shape (16, 16, 8)" in detail
+    assert pickle.loads(pickle.dumps(info.value)).detail == detail
 
 
 # ------------------------------------------------------------------------------------ split

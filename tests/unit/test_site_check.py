@@ -63,10 +63,14 @@ def test_mixed_site_lists_every_rejection_with_reason_and_fix(
     assert rejected["broken"]["path"].endswith("broken_flair.nii.gz") and "cannot be read" in rejected["broken"]["reason"]
     assert "add a row for unlisted" in rejected["unlisted"]["fix"]
     assert "no folder" in rejected["ghost"]["reason"]
+    assert {k: r["category"] for k, r in rejected.items()} == {
+        "broken": "truncated file", "unlisted": "no labels.csv row", "ghost": "no case folder"}
+    assert site["rejection_counts"] == {"no case folder": 1, "no labels.csv row": 1, "truncated file": 1}
 
     assert check(site_dir) == 0
     text = capsys.readouterr().out
-    assert "Rejected cases (3):" in text
+    assert "Rejected cases (3): 1 no case folder, 1 no labels.csv row, 1 truncated file" in text
+    assert "broken  [truncated file]" in text
     assert text.count("reason:") == 3 and text.count("fix:") == 3
 
 
@@ -83,7 +87,8 @@ def test_site_with_nothing_usable_exits_1(tmp_path: Path, capsys: pytest.Capture
     assert "unknown value 'IDH-mutant'" in report["rejected"][0]["reason"]
     assert check(site) == 1
     captured = capsys.readouterr()
-    assert "ERROR: site site-c has no usable case" in captured.out and "unusable: site-c" in captured.err
+    assert "ERROR: site site-c has no usable case (1 of 1 cases rejected: 1 unknown label)" in captured.out
+    assert "unusable: site-c" in captured.err
 
 
 def test_broken_labels_csv_exits_1_and_missing_folder_exits_2(
@@ -111,3 +116,18 @@ def test_shallow_mode_skips_voxels(site_dir: Path, capsys: pytest.CaptureFixture
     _, deep = json_report(capsys, site_dir)
     assert shallow["sites"][0]["usable"] == 6 and shallow["sites"][0]["deep"] is False
     assert deep["sites"][0]["usable"] == 5 and deep["sites"][0]["rejected"][0]["case_id"] == "case-001"
+
+
+def test_links_out_of_the_site_need_the_flag(site_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_case(tmp_path / "other-center", "linked")
+    (site_dir / "linked").symlink_to(tmp_path / "other-center" / "linked", target_is_directory=True)
+    write_labels_csv(site_dir, [(c, *labels) for c, *_, labels in SITE_CASES] + [("linked", *ROW)])
+
+    code, out = json_report(capsys, site_dir)
+    assert code == 0 and out["sites"][0]["usable"] == 6 and out["sites"][0]["allow_external_links"] is False
+    (rejection,) = out["sites"][0]["rejected"]
+    assert rejection["case_id"] == "linked" and rejection["category"] == "external symlink"
+    assert "--allow-external-links" in rejection["fix"]
+
+    code, out = json_report(capsys, site_dir, "--allow-external-links")
+    assert code == 0 and out["sites"][0]["usable"] == 7 and out["sites"][0]["rejected"] == []
