@@ -13,15 +13,22 @@ With ``ssl.enabled`` a site also keeps local state between rounds in its state f
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from client.consistency import TEACHER_FILE, ConsistencyRegularizer, load_teacher, save_teacher
+from client.consistency import (
+    TEACHER_FILE,
+    ConsistencyRegularizer,
+    load_teacher,
+    save_teacher,
+)
+from client.disclosure import withhold_small_groups, withhold_small_pseudo_label_groups
 from client.pseudo_labels import PseudoLabelHook, prepare_pseudo_labels
 from client.state import (
     RoundTag,
@@ -76,7 +83,7 @@ class SiteSession:
     state_path: Path | None = None
 
     @classmethod
-    def open(cls, node_config: Mapping[str, Any], cfg: ExperimentConfig) -> "SiteSession":
+    def open(cls, node_config: Mapping[str, Any], cfg: ExperimentConfig) -> SiteSession:
         name, root = site_location(node_config)
         index = load_site(root)  # raises NoUsableCaseError naming the site and the reasons
         train_cases, val_cases = split_cases(index.cases, cfg.data.val_fraction, cfg.data.split_seed)
@@ -165,7 +172,7 @@ class SiteSession:
         return _scalar_metrics(metrics)
 
     # ------------------------------------------------------- semi-supervision
-    def _round_tag(self, round_config: Mapping[str, Any]) -> "RoundTag":
+    def _round_tag(self, round_config: Mapping[str, Any]) -> RoundTag:
         return RoundTag(self.cfg.federation.run_name, int(round_config.get("global-round", 0)))
 
     def stage_cases(self, stage: str) -> list[Any]:
@@ -177,7 +184,7 @@ class SiteSession:
 
     def _semi_supervision(
         self, model: nn.Module, cases: list[Any], round_config: Mapping[str, Any]
-    ) -> "_SemiSupervision":
+    ) -> _SemiSupervision:
         """Pseudo-labels (refreshed with the received ``model`` when the round asks) and, in
         pseudo-labeling rounds with ``ssl.consistency``, the consistency regulariser."""
         ssl = self.cfg.ssl
@@ -186,7 +193,8 @@ class SiteSession:
         pseudo = prepare_pseudo_labels(
             self.state_dir, model, cases, self.cfg, self.device, refresh=refresh, tag=tag
         )
-        semi = _SemiSupervision(PseudoLabelHook(pseudo.labels, ssl.pseudo_weight), metrics=dict(pseudo.metrics))
+        semi = _SemiSupervision(PseudoLabelHook(pseudo.labels, ssl.pseudo_weight),
+                                metrics=withhold_small_pseudo_label_groups(pseudo.metrics, self.cfg.federation.min_metric_cases))
         if ssl.consistency and refresh:
             teacher, restored = load_teacher(model, self.state_dir / TEACHER_FILE, ssl.ema_decay, tag)
             semi.regularizer = ConsistencyRegularizer(teacher, ssl, seed=self.cfg.train.seed + tag.global_round)
@@ -202,15 +210,16 @@ class SiteSession:
         metrics = evaluate(model, loader, self.device, progress=False, calibration_stats=True)
         metrics["num-examples"] = float(len(self.val_cases))
         model.cpu()
-        return metrics
+        n_seg = sum(case.seg is not None for case in self.val_cases)
+        return withhold_small_groups(metrics, n_seg, self.cfg.federation.min_metric_cases)
 
 
 @dataclass
 class _SemiSupervision:
     """What semi-supervised learning adds to one local round (nothing by default)."""
 
-    batch_hook: "PseudoLabelHook | None" = None
-    regularizer: "ConsistencyRegularizer | None" = None
+    batch_hook: PseudoLabelHook | None = None
+    regularizer: ConsistencyRegularizer | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
 

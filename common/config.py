@@ -270,6 +270,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"federation.quorum={cfg.federation.quorum} must be in (0, 1] (a fraction of the sites)")
     if cfg.federation.max_update_ratio <= 1.0:
         raise ConfigError(f"federation.max_update_ratio={cfg.federation.max_update_ratio} must be > 1")
+    if cfg.federation.strategy == "bulyan" and cfg.federation.min_nodes < 4 * cfg.federation.num_malicious + 3:
+        raise ConfigError(
+            f"federation.strategy=bulyan with num_malicious={cfg.federation.num_malicious} needs at least "
+            f"{4 * cfg.federation.num_malicious + 3} sites (4 x num_malicious + 3); min_nodes is {cfg.federation.min_nodes}"
+        )
     if not 0.0 <= cfg.federation.trimmed_beta < 0.5:
         raise ConfigError(f"federation.trimmed_beta={cfg.federation.trimmed_beta} must be in [0, 0.5)")
     if not 0.0 < cfg.data.val_fraction < 1.0:

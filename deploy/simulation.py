@@ -10,6 +10,7 @@ it is not installed here and would add a multi-hundred-MB dependency for a seque
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ class InProcessGrid:
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
+            # Flower's grids give each pushed instruction its id in place; the server files
+            # replies by it (server.strategy.identity)
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
             context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
                               run_config=self.run_config)

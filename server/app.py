@@ -23,9 +23,10 @@ from server.heldout import HeldoutEvaluator
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.schedule import RoundSchedule
-from server.strategy import build_strategy
+from server.strategy import FederationError, build_strategy
 
 app = ServerApp()
+IDENTITIES_FILE = "sites.json"  # site names bound to node ids (server.strategy.identity)
 
 
 @app.main()
@@ -53,13 +54,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         log(INFO, "resuming %s after round %d", folder.root, offset)
     remaining = cfg.federation.rounds - offset
     schedule = RoundSchedule(cfg, offset=offset)
-    strategy = build_strategy(
-        cfg.federation.strategy,
-        schedule=schedule,
-        min_nodes=cfg.federation.min_nodes,
-        node_wait_s=cfg.federation.node_wait_s,
-        proximal_mu=cfg.federation.proximal_mu,
-    )
+    identities = folder.root / IDENTITIES_FILE
+    if state is None:
+        identities.unlink(missing_ok=True)  # a new run binds names afresh; a resumed one keeps them
+    strategy = build_strategy(cfg.federation, schedule=schedule, identities=identities)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         global_round = schedule.global_round(server_round)
@@ -83,7 +81,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
                 "stage": "initial" if global_round == 0 else schedule.stage(global_round),
                 "rejected": round_log["rejected"],
                 "failures": round_log["failures"],
+                "bounded": round_log["bounded"],
                 "skipped": round_log["skipped"],
+                "quorum": round_log["quorum"],
                 "seconds": round_log["seconds"],
                 "calibration": calibration.as_metrics(),
                 "selection_score": score,
@@ -92,6 +92,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         folder.save_checkpoint(global_round, model.state_dict(), score, calibration.to_dict())
         write_report(folder.root)
         log(INFO, "round %d held-out: %s", global_round, _brief(metrics))
+        if strategy.stop_reason is not None:
+            raise FederationError(strategy.stop_reason)  # after the round was recorded
         return MetricRecord({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
 
     if remaining > 0:

@@ -1,34 +1,67 @@
-"""The server's strategies: one file per strategy, the shared federation additions and reply screening.
+"""The server's strategies: one file per strategy, the shared federation additions, reply
+screening, bounds and site identities.
 
 ``build_strategy`` picks one by ``federation.strategy``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from common.config import STRATEGIES, choice_error
+from common.config import STRATEGIES, FederationConfig, choice_error
 from server.errors import FederationError, NodeWaitTimeout
 from server.schedule import RoundSchedule
+from server.strategy.bounds import UpdateBounds
 from server.strategy.fedavg import GliomaFedAvg
 from server.strategy.federation import FederationMixin
 from server.strategy.fedprox import GliomaFedProx
+from server.strategy.identity import SiteRegistry
+from server.strategy.robust import (
+    GliomaBulyan,
+    GliomaFedMedian,
+    GliomaFedTrimmedAvg,
+    GliomaKrum,
+)
 
 __all__ = ["FederationError", "FederationMixin", "GliomaFedAvg", "GliomaFedProx", "NodeWaitTimeout", "build_strategy"]
 
 
-def build_strategy(name: str, *, schedule: RoundSchedule, min_nodes: int, node_wait_s: float, proximal_mu: float) -> FederationMixin:
+def build_strategy(
+    federation: FederationConfig, *, schedule: RoundSchedule, identities: Path | None = None
+) -> FederationMixin:
+    """The strategy ``federation.strategy`` with the bounds, quorum and waits of ``federation``;
+    ``identities``: where site-name bindings persist (the run folder), None to keep them in memory."""
     common: dict[str, Any] = dict(
         schedule=schedule,
-        node_wait_s=node_wait_s,
-        min_train_nodes=min_nodes,
-        min_evaluate_nodes=min_nodes if schedule.evaluate_sites else 0,
-        min_available_nodes=min_nodes,
+        node_wait_s=federation.node_wait_s,
+        rejoin_wait_s=federation.rejoin_wait_s,
+        quorum=federation.quorum,
+        on_quorum_fail=federation.on_quorum_fail,
+        bounds=UpdateBounds(
+            mode=federation.update_bound,
+            max_update_ratio=federation.max_update_ratio,
+            max_examples=federation.max_examples,
+            max_examples_ratio=federation.max_examples_ratio,
+        ),
+        registry=SiteRegistry(identities),
+        min_train_nodes=federation.min_nodes,
+        min_evaluate_nodes=federation.min_nodes if schedule.evaluate_sites else 0,
+        min_available_nodes=federation.min_nodes,
         fraction_evaluate=1.0 if schedule.evaluate_sites else 0.0,
         weighted_by_key="num-examples",
     )
+    name = federation.strategy
     if name == "fedprox":
-        return GliomaFedProx(proximal_mu=proximal_mu, **common)
+        return GliomaFedProx(proximal_mu=federation.proximal_mu, **common)
     if name == "fedavg":
         return GliomaFedAvg(**common)
+    if name == "fedmedian":
+        return GliomaFedMedian(**common)
+    if name == "fedtrimmedavg":
+        return GliomaFedTrimmedAvg(beta=federation.trimmed_beta, **common)
+    if name == "krum":
+        return GliomaKrum(num_malicious_nodes=federation.num_malicious, **common)
+    if name == "bulyan":
+        return GliomaBulyan(num_malicious_nodes=federation.num_malicious, **common)
     raise choice_error("strategy (federation.strategy)", name, STRATEGIES)

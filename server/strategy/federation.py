@@ -7,15 +7,25 @@ The behaviour added to Flower's strategies (no torch here, as in Flower's own st
 * ``aggregate_train`` screens every reply before averaging: wrong keys/shapes or non-finite
   weights or metrics are rejected and logged with the site's name (one bad reply would otherwise
   abort the run or poison the average); every valid site's scalar metrics are kept per site;
+* every reply is filed under the site name bound to its node (:mod:`server.strategy.identity`):
+  a site cannot claim another's name, and failures are attributed to the site the instruction went to;
+* updates and averaging weights are bounded relative to the other sites (:mod:`server.strategy.bounds`);
+* a round is applied only when a quorum of the expected sites replied usably in time; below it the
+  round is recorded (who was missing and why) and the run goes on or stops (``federation.on_quorum_fail``);
+  after the first round a phase waits at most ``rejoin_wait_s`` for a missing site and goes on
+  with the sites that are connected, as long as they make a quorum;
 * ``aggregate_evaluate`` keeps per-site validation metrics (not only their average).
 
-Averaging itself stays Flower's (weighted by ``num-examples`` = training cases).
+Averaging itself stays Flower's (weighted by ``num-examples`` = training cases, or one of Flower's
+robust aggregators, :mod:`server.strategy.robust`).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from logging import INFO, WARNING
 from typing import Any
 
@@ -26,23 +36,64 @@ from flwr.supercore import log
 from common.contract import TASKS
 from server.errors import FederationError, NodeWaitTimeout
 from server.schedule import RoundSchedule
-from server.strategy.heads import average_heads
-from server.strategy.screening import check_arrays, check_metrics, record_to_dict, site_name
+from server.strategy.bounds import (
+    UpdateBounds,
+    cap_weights,
+    clip_update,
+    screen_distances,
+    update_distance,
+)
+from server.strategy.heads import average_heads, head_weight_key
+from server.strategy.identity import SiteRegistry
+from server.strategy.screening import check_arrays, check_metrics, record_to_dict
 
 
 class FederationMixin:
-    """Shared additions for Flower strategies (combined with FedAvg or FedProx below)."""
+    """Shared additions for Flower strategies (combined with FedAvg, FedProx or a robust aggregator).
 
-    def __init__(self, *args: Any, schedule: RoundSchedule, node_wait_s: float = 300.0, **kwargs: Any) -> None:
+    ``per_head_averaging``: re-average each task head over the sites labeled for it (weighted
+    strategies only; a median or trimmed mean has no weights to re-balance).
+    """
+
+    per_head_averaging = True
+
+    def __init__(
+        self,
+        *args: Any,
+        schedule: RoundSchedule,
+        node_wait_s: float = 300.0,
+        rejoin_wait_s: float = 30.0,
+        quorum: float = 0.5,
+        on_quorum_fail: str = "skip",
+        bounds: UpdateBounds | None = None,
+        registry: SiteRegistry | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.schedule = schedule
         self.node_wait_s = node_wait_s
-        self.sites: dict[int, str] = {}
+        self.rejoin_wait_s = rejoin_wait_s
+        self.quorum = quorum
+        self.on_quorum_fail = on_quorum_fail
+        self.bounds = bounds or UpdateBounds()
+        self.registry = registry or SiteRegistry()
+        self.min_nodes = int(self.min_available_nodes)  # type: ignore[attr-defined]
+        self.stop_reason: str | None = None  # set when a round missed its quorum and the run stops
+        self._started = False  # after the first phase, missing sites are waited for only briefly
         self._reference: dict[str, tuple[tuple[int, ...], str]] = {}
         self._current: ArrayRecord | None = None  # the global model a round starts from
+        self._instructions: list[Message] = []  # the messages of the phase in progress
+        self._connected: list[int] = []
+        # training cases each site declared when first seen (cap of its averaging weight)
+        self.declared: dict[str, float] = {}
         # each site's latest class counts per task ({site: {task: [n_0, n_1]}}), for class weights
         self.class_counts: dict[str, dict[str, list[float]]] = {}
         self.reset_round()
+
+    @property
+    def sites(self) -> dict[int, str]:
+        """Node id -> bound site name."""
+        return self.registry.by_node
 
     # ------------------------------------------------------------- round log
     def reset_round(self) -> None:
@@ -50,7 +101,9 @@ class FederationMixin:
         self.eval_metrics: dict[str, dict[str, Any]] = {}
         self.rejected: dict[str, str] = {}
         self.failures: dict[str, str] = {}
+        self.bounded: dict[str, str] = {}  # updates clipped or weights capped, and why
         self.skipped: list[str] = []  # sites that had nothing to train on in this stage
+        self.quorum_log: dict[str, Any] = {}
         # wall-clock seconds of each phase as the server sees it (sending, site work, replies)
         self.seconds: dict[str, float] = {}
         self._phase_start: dict[str, float] = {}
@@ -62,7 +115,9 @@ class FederationMixin:
             "sites": self.eval_metrics,
             "rejected": self.rejected,
             "failures": self.failures,
+            "bounded": self.bounded,
             "skipped": self.skipped,
+            "quorum": self.quorum_log,
             "seconds": self.seconds,
         }
         self.reset_round()
@@ -73,29 +128,63 @@ class FederationMixin:
         if start is not None:
             self.seconds[phase] = time.monotonic() - start
 
-    # ----------------------------------------------------------------- hooks
-    def wait_for_nodes(self, grid: Grid) -> None:
-        needed = self.min_available_nodes  # type: ignore[attr-defined]
-        deadline = time.monotonic() + self.node_wait_s
-        while (connected := len(list(grid.get_node_ids()))) < needed:
-            if time.monotonic() >= deadline:
-                raise NodeWaitTimeout(
-                    f"only {connected} of {needed} sites connected after {self.node_wait_s:.0f} s. "
-                    "Check that every site's SuperNode is running, can reach the SuperLink port, and "
-                    "that its key is registered (`flwr supernode list`); or lower federation.min_nodes."
-                )
-            time.sleep(1.0)
+    # ----------------------------------------------------------------- nodes
+    def quorum_size(self, expected: int | None = None) -> int:
+        """Usable replies a round needs: ``quorum`` x the expected sites, at least one."""
+        expected = max(expected or 0, self.min_nodes)
+        return max(1, math.ceil(self.quorum * expected - 1e-9))
 
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """The connected node ids, once ``min_nodes`` are there. The first phase waits up to
+        ``node_wait_s`` and needs them all; later phases wait up to ``rejoin_wait_s`` and go on
+        with a quorum of them (a site that died must not stop the federation)."""
+        needed = self.min_nodes
+        wait = self.node_wait_s if not self._started else min(self.rejoin_wait_s, self.node_wait_s)
+        deadline = time.monotonic() + wait
+        while len(connected := list(grid.get_node_ids())) < needed and time.monotonic() < deadline:
+            time.sleep(1.0)
+        floor = needed if not self._started else self.quorum_size()
+        if len(connected) < floor:
+            raise NodeWaitTimeout(
+                f"only {len(connected)} of {needed} sites connected after {wait:.0f} s. "
+                "Check that every site's SuperNode is running, can reach the SuperLink port, and "
+                "that its key is registered (`flwr supernode list`); or lower federation.min_nodes."
+            )
+        if len(connected) < needed:
+            missing = sorted(set(self.registry.by_node.values()) - {self.registry.name_of(n) for n in connected})
+            log(WARNING, "%d of %d sites connected (missing: %s); going on with them (quorum %d)",
+                len(connected), needed, ", ".join(missing) or "unknown", floor)
+        self._started = True
+        self._connected = connected
+        return connected
+
+    @contextmanager
+    def _sampling_floor(self, available: int) -> Iterator[None]:
+        """Let Flower's sampling (which waits without limit for ``min_*_nodes``) take the
+        ``available`` nodes when fewer than ``min_nodes`` are connected."""
+        names = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+        saved = {name: getattr(self, name) for name in names}
+        for name in names:
+            setattr(self, name, min(saved[name], available))
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
+    # ----------------------------------------------------------------- hooks
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.wait_for_nodes(grid)
+        connected = self.wait_for_nodes(grid)
         self._phase_start["train"] = time.monotonic()
         self._reference = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
         self._current = arrays
         round_config = ConfigRecord({**config, **self.schedule.train_config(server_round), **self.federation_class_counts()})
         log(INFO, "round %d: stage %s", self.schedule.global_round(server_round), round_config["stage"])
-        return super().configure_train(server_round, arrays, round_config, grid)  # type: ignore[misc]
+        with self._sampling_floor(len(connected)):
+            self._instructions = list(super().configure_train(server_round, arrays, round_config, grid))  # type: ignore[misc]
+        return self._instructions
 
     def federation_class_counts(self) -> dict[str, list[float]]:
         """``{"class-count-<task>": [n_0, n_1]}`` summed over the sites' latest replies (empty before
@@ -111,24 +200,30 @@ class FederationMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if not self.schedule.evaluate_sites:
+        if not self.schedule.evaluate_sites or self.stop_reason is not None:
             return []
-        self.wait_for_nodes(grid)
+        connected = self.wait_for_nodes(grid)
         self._phase_start["site_eval"] = time.monotonic()
         round_config = ConfigRecord({**config, **self.schedule.evaluate_config(server_round)})
-        return super().configure_evaluate(server_round, arrays, round_config, grid)  # type: ignore[misc]
+        with self._sampling_floor(len(connected)):
+            self._instructions = list(super().configure_evaluate(server_round, arrays, round_config, grid))  # type: ignore[misc]
+        return self._instructions
 
-    def _screen(self, replies: Iterable[Message], *, train: bool) -> list[Message]:
-        """Keep only usable replies; log and record everything else by site."""
-        kept: list[Message] = []
+    def _screen(self, replies: Iterable[Message], *, train: bool) -> list[tuple[str, Message]]:
+        """The usable replies with their sites' names; everything else logged and recorded by site."""
+        self.registry.remember(self._instructions)
+        kept: list[tuple[str, Message]] = []
         for reply in replies:
-            name = site_name(reply, self.sites)
+            claim = self.registry.claim(reply, self._connected)
+            name = claim.name
             if reply.has_error():
-                self.failures[name] = reply.error.reason
-                log(WARNING, "site %s failed this round: %s", name, reply.error.reason)
+                self.failures[name] = reply.error.reason[:500]
+                log(WARNING, "site %s failed this round: %s", name, self.failures[name])
                 continue
             content = reply.content
-            if len(content.metric_records) != 1 or (train and len(content.array_records) != 1):
+            if claim.conflict is not None:
+                reason = f"identity conflict: {claim.conflict}"
+            elif len(content.metric_records) != 1 or (train and len(content.array_records) != 1):
                 reason = "reply must hold exactly one MetricRecord" + (" and one ArrayRecord" if train else "")
             else:
                 metrics = next(iter(content.metric_records.values()))
@@ -137,18 +232,76 @@ class FederationMixin:
                     reason = check_arrays(next(iter(content.array_records.values())), self._reference)
             if reason is not None:
                 self.rejected[name] = reason
-                log(WARNING, "rejected the update of site %s: %s", name, reason)
+                log(WARNING, "rejected the reply of site %s: %s", name, reason)
                 continue
-            if train and metrics[self.weighted_by_key] == 0:  # type: ignore[attr-defined]
-                # e.g. imputer pre-training at a site without complete cases: nothing to average
+            if metrics[self.weighted_by_key] == 0:  # type: ignore[attr-defined]
+                # training: no case for this stage (e.g. imputer pre-training without complete cases);
+                # validation: too few cases to send metrics (federation.min_metric_cases)
                 self.skipped.append(name)
-                self.train_metrics[name] = record_to_dict(metrics)
-                log(INFO, "site %s had no case for this stage; its reply is not averaged", name)
+                (self.train_metrics if train else self.eval_metrics)[name] = record_to_dict(metrics)
+                log(INFO, "site %s had no case for this %s; its reply is not averaged", name,
+                    "stage" if train else "validation")
                 continue
-            kept.append(reply)
-        if train:
-            keep_common_metric_keys(kept)
+            kept.append((name, reply))
         return kept
+
+    def _bound(self, kept: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
+        """Reject or clip outlying updates and cap averaging weights (:mod:`server.strategy.bounds`)."""
+        if self._current is None:
+            return kept
+        arrays_of = {name: next(iter(r.content.array_records.values())) for name, r in kept}
+        metrics_of = {name: next(iter(r.content.metric_records.values())) for name, r in kept}
+        distances = {name: update_distance(arrays, self._current) for name, arrays in arrays_of.items()}
+        rejected, clipped = screen_distances(distances, self.bounds)
+        for name, reason in rejected.items():
+            self.rejected[name] = reason
+            log(WARNING, "rejected the update of site %s: %s", name, reason)
+        replies = dict(kept)
+        for name, scale in clipped.items():
+            content = replies[name].content
+            content[next(iter(content.array_records))] = clip_update(arrays_of[name], self._current, scale)
+            self.bounded[name] = f"update clipped to {scale:.3g} of its length (federation.max_update_ratio)"
+            log(WARNING, "site %s: %s", name, self.bounded[name])
+        kept = [(name, r) for name, r in kept if name not in rejected]
+        weights = {name: float(metrics_of[name][self.weighted_by_key]) for name, _ in kept}  # type: ignore[attr-defined]
+        for name, (cap, why) in cap_weights(weights, self.declared, self.bounds).items():
+            metrics = metrics_of[name]
+            metrics[self.weighted_by_key] = cap  # type: ignore[attr-defined]
+            for task in TASKS:  # a head's weight cannot exceed the site's capped weight either
+                key = head_weight_key(task)
+                if key in metrics:
+                    metrics[key] = min(float(metrics[key]), cap)
+            self.bounded[name] = (self.bounded.get(name, "") + "; " if name in self.bounded else "") + why
+            log(WARNING, "site %s: %s", name, why)
+        return kept
+
+    def _quorum(self, server_round: int, kept: list[tuple[str, Message]]) -> bool:
+        """Record who replied and who was missing; True when the round may be applied."""
+        sent = {m.metadata.dst_node_id for m in self._instructions}
+        expected = max(len(sent), self.min_nodes)
+        needed = self.quorum_size(len(sent))
+        replied = len(kept) + len(self.skipped)
+        missing: dict[str, str] = {**self.failures, **self.rejected}
+        answered = {name for name, _ in kept} | set(self.skipped) | set(missing)
+        for node in sent:
+            if (name := self.registry.name_of(node)) not in answered:
+                missing[name] = "no reply within federation.round_timeout_s"
+        for node, name in self.registry.by_node.items():
+            if node not in sent and name not in answered:
+                missing.setdefault(name, "not connected")
+        applied = replied >= needed
+        self.quorum_log = {"expected": expected, "needed": needed, "replied": replied, "applied": applied,
+                           "missing": missing}
+        if not applied:
+            round_no = self.schedule.global_round(server_round)
+            text = (f"round {round_no}: only {replied} of {expected} sites replied usably (quorum {needed}); "
+                    f"missing: {missing or 'none'}")
+            if self.on_quorum_fail == "stop":
+                self.stop_reason = text + ". The run stops (federation.on_quorum_fail=stop); finished rounds are kept."
+                log(WARNING, "%s", self.stop_reason)
+            else:
+                log(WARNING, "%s. The global model is unchanged; the run goes on (federation.on_quorum_fail=skip).", text)
+        return applied
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -156,9 +309,13 @@ class FederationMixin:
         replies = list(replies)
         self._mark("train")
         kept = self._screen(replies, train=True)
-        for reply in kept:
+        for name, reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
-            name = site_name(reply, self.sites)
+            if "n_train" in metrics:
+                self.declared.setdefault(name, float(metrics["n_train"]))
+        kept = self._bound(kept)
+        for name, reply in kept:
+            metrics = next(iter(reply.content.metric_records.values()))
             self.train_metrics[name] = record_to_dict(metrics)
             counts = {t: [float(metrics.get(f"count_{t}_{c}", 0.0)) for c in (0, 1)] for t in TASKS
                       if f"count_{t}_0" in metrics}
@@ -167,6 +324,7 @@ class FederationMixin:
         if not kept and not self.failures and not self.rejected:
             log(WARNING, "round %d: no site had a case for this stage; the global model is unchanged",
                 self.schedule.global_round(server_round))
+            self._quorum(server_round, kept)
             return None, None
         if not kept:
             raise FederationError(
@@ -174,21 +332,26 @@ class FederationMixin:
                 f"(failures: {self.failures or 'none'}; rejected: {self.rejected or 'none'}). "
                 "Read the site logs (SuperNode) for the cause."
             )
-        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
-        if arrays is not None and self._current is not None:
-            arrays = average_heads(arrays, kept, self._current)
+        if not self._quorum(server_round, kept):
+            return None, None
+        messages = [reply for _, reply in kept]
+        keep_common_metric_keys(messages)
+        arrays, metrics = super().aggregate_train(server_round, messages)  # type: ignore[misc]
+        if arrays is not None and self._current is not None and self.per_head_averaging:
+            arrays = average_heads(arrays, messages, self._current)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         self._mark("site_eval")
         kept = self._screen(list(replies), train=False)
-        for reply in kept:
+        for name, reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
-            self.eval_metrics[site_name(reply, self.sites)] = record_to_dict(metrics)
+            self.eval_metrics[name] = record_to_dict(metrics)
         if not kept:
             return None
-        keep_common_metric_keys(kept)  # e.g. calibration statistics only some sites had cases for
-        return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
+        messages = [reply for _, reply in kept]
+        keep_common_metric_keys(messages)  # e.g. calibration statistics only some sites had cases for
+        return super().aggregate_evaluate(server_round, messages)  # type: ignore[misc]
 
 
 def keep_common_metric_keys(replies: list[Message]) -> None:

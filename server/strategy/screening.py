@@ -1,4 +1,4 @@
-"""Screening of site replies before they are averaged: shapes, finiteness, weights; site names.
+"""Screening of site replies before they are averaged: shapes, finiteness, weights.
 
 No torch here (as in Flower's own strategies): arrays are checked as numpy.
 """
@@ -9,20 +9,7 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
-
-SITE_RECORD = "site"  # ConfigRecord key a ClientApp uses to name its site in replies
-
-
-def site_name(reply: Message, known: dict[int, str]) -> str:
-    """The site that sent ``reply``: from its ``site`` ConfigRecord, else by node id."""
-    node = reply.metadata.src_node_id
-    if not reply.has_error() and SITE_RECORD in reply.content.config_records:
-        name = str(reply.content.config_records[SITE_RECORD].get("name", ""))
-        if name:
-            known[node] = name
-            return name
-    return known.get(node, f"node-{node}")
+from flwr.app import ArrayRecord, MetricRecord
 
 
 def check_arrays(arrays: ArrayRecord, reference: dict[str, tuple[tuple[int, ...], str]]) -> str | None:

@@ -27,8 +27,9 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def run_server(cohort: Path, out: Path, nodes: dict[int, dict[str, str]], *overrides: str) -> InProcessGrid:
+    # the tiny sites have 1-2 validation cases: below the default minimum a site sends no metric
     cfg = compose(["+experiment=tiny", f"federation.heldout={cohort / 'heldout'}", f"federation.out_dir={out}",
-                   "train.threads=1", *overrides])
+                   "train.threads=1", "federation.min_metric_cases=1", *overrides])
     return run_inprocess(cfg, nodes)
 
 

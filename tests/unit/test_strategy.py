@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
-from common.config import compose
+from common.config import compose, replace
 from server.schedule import RoundSchedule
 from server.strategy import FederationError, NodeWaitTimeout, build_strategy
 
@@ -19,8 +28,10 @@ def task_identity() -> None:
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
 
 
-def make_strategy(name: str = "fedavg", min_nodes: int = 2, node_wait_s: float = 1.0):
-    return build_strategy(name, schedule=RoundSchedule(compose()), min_nodes=min_nodes, node_wait_s=node_wait_s, proximal_mu=0.1)
+def make_strategy(name: str = "fedavg", min_nodes: int = 2, node_wait_s: float = 1.0, **federation: object):
+    cfg = replace(compose(), federation={"strategy": name, "min_nodes": min_nodes, "node_wait_s": node_wait_s,
+                                         "proximal_mu": 0.1, **federation})
+    return build_strategy(cfg.federation, schedule=RoundSchedule(cfg))
 
 
 def global_arrays() -> ArrayRecord:
