@@ -52,7 +52,10 @@ def site_location(node_config: Mapping[str, Any]) -> tuple[str, Path]:
     """(site name, data folder) from a SuperNode's ``--node-config``.
 
     Node config keys: ``data-path`` (required: the site folder), ``site-name`` (default: the
-    folder's name) and ``state-path`` (optional, see :func:`site_state_path`).
+    folder's name), ``state-path`` (optional, see :func:`site_state_path`) and
+    ``allow-external-links`` (default false: case folders or files that are symlinks resolving
+    outside the site folder are rejected, so that no other center's data, e.g. the held-out
+    center's, can enter training through a link).
     """
     path = str(node_config.get("data-path", "")).strip()
     if not path:
@@ -85,7 +88,8 @@ class SiteSession:
     @classmethod
     def open(cls, node_config: Mapping[str, Any], cfg: ExperimentConfig) -> SiteSession:
         name, root = site_location(node_config)
-        index = load_site(root)  # raises NoUsableCaseError naming the site and the reasons
+        external = str(node_config.get("allow-external-links", "false")).strip().lower() in {"1", "true", "yes"}
+        index = load_site(root, allow_external_links=external)  # NoUsableCaseError: counts per category
         train_cases, val_cases = split_cases(index.cases, cfg.data.val_fraction, cfg.data.split_seed)
         state = site_state_path(node_config, name)
         return cls(name, cfg, select_device("auto"), index, train_cases, val_cases, state)
@@ -102,6 +106,9 @@ class SiteSession:
             "n_train": float(len(self.train_cases)),
             "n_val": float(len(self.val_cases)),
             "n_rejected": float(len(self.index.rejected)),
+            # counts per rejection category ("rejected_shape_mismatch"): no case ID, file or path
+            **{f"rejected_{category.replace(' ', '_').replace('-', '_')}": float(n)
+               for category, n in self.index.rejection_counts().items()},
             "n_complete": float(sum(all(c.available) for c in self.train_cases)),
         }
         for i, seq in enumerate(SEQUENCES):

@@ -173,11 +173,19 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
         parts.append("<h2>Pseudo-labels accepted per round and site</h2>")
         parts.append(_table(["round", "site", *pseudo_keys], pseudo_rows))
 
-    problems = [(r["round"], kind, site, why) for r in rounds for kind in ("failures", "rejected")
+    problems = [(r["round"], kind, site, why) for r in rounds for kind in ("failures", "rejected", "bounded")
                 for site, why in (r.get(kind) or {}).items()]
     if problems:
-        parts.append("<h2>Failed or rejected site updates</h2>")
+        parts.append("<h2>Failed, rejected or bounded site updates</h2>")
         parts.append(_table(["round", "kind", "site", "reason"], [[str(a), b, c, str(d)] for a, b, c, d in problems]))
+    # rounds that missed their quorum were not applied (the global model stayed as it was)
+    missed = [r for r in rounds if (r.get("quorum") or {}).get("applied") is False]
+    if missed:
+        parts.append("<h2>Rounds below quorum (not applied)</h2>")
+        parts.append(_table(["round", "replied", "needed", "missing"], [
+            [str(r["round"]), _fmt(r["quorum"].get("replied")), _fmt(r["quorum"].get("needed")),
+             "; ".join(f"{site}: {why}" for site, why in (r["quorum"].get("missing") or {}).items())]
+            for r in missed]))
 
     parts.append("<h2>Plots</h2>")
     for path in plots:

@@ -100,3 +100,15 @@ def test_report_and_plots_are_written_atomically_for_the_owner_only(tmp_path: Pa
     with pytest.raises(RuntimeError):
         write_report(tmp_path)
     assert page.read_text() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_shows_bounded_updates_and_rounds_below_quorum(tmp_path: Path) -> None:
+    data = history()
+    data["rounds"][1]["bounded"] = {"site-b": "num-examples 1e+09 capped to 80 (10x the median of the other sites)"}
+    data["rounds"][2]["quorum"] = {"expected": 3, "needed": 2, "replied": 1, "applied": False,
+                                   "missing": {"site-b": "NoUsableCaseError: no usable case", "site-c": "not connected"}}
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    page = write_report(tmp_path).read_text()
+    assert "capped to 80" in page
+    below = page[page.index("Rounds below quorum"):]
+    assert re.search(r"<td>2</td>\s*<td>1</td>\s*<td>2</td>\s*<td>[^<]*site-c: not connected", below)

@@ -53,3 +53,22 @@ def test_imputer_pretraining_uses_complete_cases_only(cohort: Path, tmp_path: Pa
     complete = session(cohort, "site-a", tmp_path, "model.imputation=true")
     metrics = complete.train(build_model(complete.cfg.model, complete.cfg.data.size), {"stage": "pretrain_imputer"})
     assert metrics["num-examples"] == len(complete.train_cases) and metrics["steps"] >= 1
+
+
+def test_a_case_linked_in_from_another_center_is_rejected_unless_the_node_allows_it(cohort: Path, tmp_path: Path) -> None:
+    import shutil
+
+    site = tmp_path / "site-linked"
+    shutil.copytree(cohort / "site-a", site)
+    heldout_case = sorted(p for p in (cohort / "heldout").iterdir() if p.is_dir())[0]
+    (site / heldout_case.name).symlink_to(heldout_case, target_is_directory=True)
+    labels = (cohort / "heldout" / "labels.csv").read_text().splitlines()
+    row = next(line for line in labels if line.startswith(heldout_case.name + ","))
+    with (site / "labels.csv").open("a") as f:
+        f.write(row + "\n")
+    cfg = compose(["+experiment=tiny", "train.threads=1"])
+    strict = SiteSession.open({"data-path": str(site)}, cfg)
+    assert heldout_case.name not in {c.case_id for c in strict.index.cases}
+    assert strict.description()["rejected_external_symlink"] == 1.0
+    allowed = SiteSession.open({"data-path": str(site), "allow-external-links": "true"}, cfg)
+    assert heldout_case.name in {c.case_id for c in allowed.index.cases}
