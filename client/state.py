@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import torch
 
 from common.io import atomic_write
+from common.model.checkpoint import load_failure
 
 T = TypeVar("T")
 #: File name of a site's local optimizer state inside its state folder (train.keep_optimizer_state).
@@ -99,8 +100,7 @@ def read_state_file(path: Path, what: str, fresh: str, parse: Callable[[dict], T
     try:
         return parse(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # torch.load and parse raise many types for a damaged or foreign file
-        reason = (str(exc).splitlines() or [""])[0]
         raise ValueError(
-            f"cannot read {what} {path} ({type(exc).__name__}: {reason}). Delete the file; "
+            f"cannot read {what} {path} ({load_failure(exc)}). Delete the file; "
             f"the next round starts {fresh}"
         ) from exc

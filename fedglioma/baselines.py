@@ -59,6 +59,7 @@ def run_baseline(
     from common.evaluation.loop import evaluate
     from common.evaluation.metrics import selection_score
     from common.model import build_model
+    from common.model.checkpoint import load_weights
     from common.runtime import configure_runtime, select_device
     from server.report import write_report
     from server.run_folder import RunFolder
@@ -90,7 +91,7 @@ def run_baseline(
     state = folder.resume_state()
     start = 1
     if state is not None:
-        model.load_state_dict(state.state_dict)
+        load_weights(model, state.state_dict, state.source)  # CheckpointError naming the file
         start = state.next_round
     trainer = LocalTrainer(model, cfg, dev, train_loader.dataset.label_matrix())
     train_key = "pooled" if mode == "centralized" else sites[0].name

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from common.data.site import load_site
     from common.evaluation.calibration import Calibration
     from common.evaluation.loop import evaluate
-    from common.io import json_safe
+    from common.io import atomic_write, json_safe
     from common.model.checkpoint import CheckpointError, load_model
     from common.runtime import select_device
 
@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}")
     out = args.out or args.model.resolve().parent.parent / f"evaluate-{args.site.resolve().name}.json"
-    out.write_text(json.dumps({"model": str(args.model), "site": str(args.site), "round": payload.get("round"),
-                               "metrics": json_safe(metrics)}, indent=1))
+    text = json.dumps({"model": str(args.model), "site": str(args.site), "round": payload.get("round"),
+                       "metrics": json_safe(metrics)}, indent=1)
+    atomic_write(out, lambda tmp: tmp.write_text(text))  # owner-only, like the run folder
     print(f"wrote {out}")
     return 0
