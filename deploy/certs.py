@@ -1,19 +1,31 @@
-"""``fedglioma certs``: the federation's TLS certificates and per-site authentication keys.
+"""``fedglioma certs``: the federation's TLS certificates, per-site authentication keys and the
+key that signs the apps the sites run.
 
 Layout of ``OUT_DIR`` (what Flower's flags expect, see ``deploy/README.md``)::
 
-    ca.crt  ca.key                 the federation CA (ca.key stays with the coordinator, offline if possible)
+    ca.crt                         the federation CA certificate (public: SuperLink, proxy, every site)
     superlink.crt  superlink.key   SuperLink server certificate (SANs = addresses the sites dial), signed by the CA
+    trusted-entities.yaml          the app publisher's public key, ``flower-supernode --trusted-entities`` (public: every site)
+    ca-private/ca.key              the CA's private key (folder 0700): only to issue certificates; keep it offline,
+                                   never where the SuperLink runs. Only ca.crt, superlink.crt and superlink.key are
+                                   the SuperLink's (``SUPERLINK_FILES``)
+    publisher/publisher.key        Ed25519 OpenSSH key (folder 0700) that signs each app the coordinator starts
+    publisher/publisher.pub        its public key
     sites/<site>                   the site's EC P-384 private key, OpenSSH format (stays at the site)
     sites/<site>.pub               its public key, OpenSSH format (registered with ``flwr supernode register``)
+
+A folder made by an older version, with ``ca.key`` next to ``superlink.key``, is migrated: the key is
+moved into ``ca-private/``.
 
 The CLI's ``--san`` names are added to ``127.0.0.1`` and ``localhost``: sites dial the public name,
 while the coordinator's ``flwr`` CLI dials the SuperLink on loopback (its Control API must not be
 reachable from elsewhere, see ``deploy/README.md``).
 
-Private keys are written with mode 0600, atomically. Existing keys are never replaced unless
-``--force``: re-running adds missing site keys, reuses the CA, and re-issues the SuperLink
-certificate (same key) only when it no longer matches the CA, the requested SANs, or its dates.
+Private keys are written with mode 0600, atomically, in folders of mode 0700. Existing keys are
+never replaced unless ``--force``: re-running adds missing site keys, reuses the CA and the
+publisher key, re-issues the SuperLink certificate (same key) only when it no longer matches the
+CA, the requested SANs, or its dates, and adds the publisher key to ``trusted-entities.yaml`` when
+it is missing there (other entries stay).
 
 Only the ``cryptography`` package is used (no ``openssl``/``ssh-keygen`` binaries), so the same code
 runs on every site and in CI.
@@ -23,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
@@ -32,23 +45,32 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_SANS: tuple[str, ...] = ("127.0.0.1", "localhost")
 DEFAULT_DAYS = 365
-#: EC P-384 everywhere: Flower's node authentication only accepts NIST curves, and one key type
-#: for CA, server and sites keeps the tooling simple.
+#: EC P-384 for CA, server and sites: Flower's node authentication only accepts NIST curves. (The
+#: publisher key is Ed25519: Flower verifies app signatures with nothing else.)
 CURVE = ec.SECP384R1()
 #: a site name becomes a file name and a SuperNode name: keep it to a portable character set
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-CA_CERT, CA_KEY = "ca.crt", "ca.key"
+CA_CERT = "ca.crt"
+CA_PRIVATE_DIR = "ca-private"
+CA_KEY = f"{CA_PRIVATE_DIR}/ca.key"
+LEGACY_CA_KEY = "ca.key"  # where versions before the ca-private/ folder kept it
 SERVER_CERT, SERVER_KEY = "superlink.crt", "superlink.key"
+#: everything the SuperLink reads from OUT_DIR; deploy scripts and templates hand it nothing else
+SUPERLINK_FILES = (CA_CERT, SERVER_CERT, SERVER_KEY)
 SITES_DIR = "sites"
+PUBLISHER_DIR = "publisher"
+PUBLISHER_KEY = f"{PUBLISHER_DIR}/publisher.key"
+TRUSTED_ENTITIES = "trusted-entities.yaml"
 
 #: callback ``report(action, path)`` with action "created", "kept" or "reissued"
 Reporter = Callable[[str, Path], None]
@@ -68,6 +90,8 @@ class Credentials:
     server_cert: Path
     server_key: Path
     sites: tuple[str, ...]
+    publisher_key: Path
+    trusted_entities: Path
 
     def site_private_key(self, site: str) -> Path:
         """The site's OpenSSH private key (``flower-supernode --auth-supernode-private-key``)."""
@@ -79,6 +103,14 @@ class Credentials:
 
 
 # ---- file helpers -------------------------------------------------------------------------------
+
+
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700: a folder holding a private key must not be
+    listable by others either."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -174,6 +206,7 @@ def create_ca(out_dir: Path, days: int = DEFAULT_DAYS, *, force: bool = False) -
     cert_path, key_path = out_dir / CA_CERT, out_dir / CA_KEY
     if key_path.exists() and not force:
         raise FileExistsError(f"{key_path} exists; pass force=True (--force) to replace the CA")
+    _private_dir(key_path.parent)
     key = ec.generate_private_key(CURVE)
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedglioma federation"),
@@ -210,7 +243,7 @@ def create_server_cert(
     out_dir: Path, sans: Sequence[str] = DEFAULT_SANS, days: int = DEFAULT_DAYS, *, force: bool = False
 ) -> tuple[Path, Path]:
     """Issue the SuperLink certificate for ``sans`` (IP addresses and DNS names the sites dial),
-    signed by ``out_dir/ca.key``. Returns ``(superlink.crt, superlink.key)``.
+    signed by ``out_dir/ca-private/ca.key``. Returns ``(superlink.crt, superlink.key)``.
 
     The certificate is always (re-)issued; the key is generated only when missing or ``force``, so
     re-issuing for new SANs keeps the server key."""
@@ -288,6 +321,103 @@ def create_site_key(out_dir: Path, site: str, *, force: bool = False) -> tuple[P
     return private, public
 
 
+# ---- app publisher key --------------------------------------------------------------------------
+
+
+def publisher_key_id(public_key: ed25519.Ed25519PublicKey) -> str:
+    """The key's id in ``trusted-entities.yaml`` and in a FAB's verification records: ``fpk_`` and
+    the first 32 hex digits of the SHA-256 of the raw key, so the id follows from the key alone."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return f"fpk_{hashlib.sha256(raw).hexdigest()[:32]}"
+
+
+def load_publisher_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """The Ed25519 OpenSSH private key at ``path`` (Flower verifies app signatures with Ed25519 only)."""
+    path = Path(path)
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError as err:
+        raise CredentialsError(f"publisher key {path} is missing; `fedglioma certs CERTS_DIR` writes "
+                               f"CERTS_DIR/{PUBLISHER_KEY}") from err
+    except (ValueError, TypeError) as err:
+        raise CredentialsError(f"{path} is not an unencrypted OpenSSH private key ({err}); "
+                               "replace it with --force (every site then needs the new trusted-entities.yaml)") from err
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise CredentialsError(f"{path} is a {type(key).__name__}; Flower verifies app signatures with Ed25519 "
+                               "keys only. Use --force to replace it")
+    return key
+
+
+def _ssh_public_line(key: ed25519.Ed25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return f"{raw} fedglioma-publisher"
+
+
+def create_publisher_key(out_dir: Path, *, force: bool = False) -> Path:
+    """Create ``publisher/publisher.key`` (Ed25519, OpenSSH, mode 0600) and ``publisher.pub``.
+    Returns the private key's path. Raises ``FileExistsError`` when it exists and not ``force``
+    (a new key must reach every site's trusted-entities.yaml before the next run)."""
+    key_path = Path(out_dir).resolve() / PUBLISHER_KEY
+    if key_path.exists() and not force:
+        raise FileExistsError(f"{key_path} exists; pass force=True (--force) to replace the publisher key")
+    _private_dir(key_path.parent)
+    key = ed25519.Ed25519PrivateKey.generate()
+    _write_atomic(
+        key_path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+        0o600,
+    )
+    _write_atomic(key_path.with_suffix(".pub"), f"{_ssh_public_line(key.public_key())}\n".encode(), 0o644)
+    return key_path
+
+
+def read_trusted_entities(path: Path) -> dict[str, str]:
+    """``{public key id: "ssh-ed25519 AAAA... comment"}`` from a ``--trusted-entities`` file."""
+    try:
+        entities = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise CredentialsError(f"{path} is not YAML ({err}); delete it and re-run `fedglioma certs`") from err
+    if not isinstance(entities, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in entities.items()):
+        raise CredentialsError(f"{path} must map key ids to 'ssh-ed25519 ...' lines (what flower-supernode "
+                               "--trusted-entities reads); delete it and re-run `fedglioma certs`")
+    return entities
+
+
+def write_trusted_entities(path: Path, entities: dict[str, str]) -> None:
+    """Write ``entities`` as a ``flower-supernode --trusted-entities`` file (public, mode 0644)."""
+    header = ("# flower-supernode --trusted-entities: publishers whose signed apps this site runs\n"
+              "# (written by `fedglioma certs`; one 'key id: public key' line per publisher)\n")
+    _write_atomic(Path(path), (header + yaml.safe_dump(entities, sort_keys=True, width=1000)).encode(), 0o644)
+
+
+def ensure_publisher_key(out_dir: Path, *, force: bool = False, report: Reporter | None = None) -> tuple[Path, Path]:
+    """Create the publisher key unless it exists (then check it and tighten its mode), and make sure
+    ``trusted-entities.yaml`` lists it: missing -> written, entry missing -> added next to the
+    entries already there; ``force`` replaces key and file. Returns ``(publisher.key, trusted-entities.yaml)``."""
+    note: Reporter = report or (lambda action, path: None)
+    out_dir = Path(out_dir).resolve()
+    key_path, trusted = out_dir / PUBLISHER_KEY, out_dir / TRUSTED_ENTITIES
+    if force or not key_path.exists():
+        create_publisher_key(out_dir, force=True)
+        note("created", key_path)
+    else:
+        if key_path.stat().st_mode & 0o077:
+            os.chmod(key_path, 0o600)
+        _private_dir(key_path.parent)
+        note("kept", key_path)
+    public = load_publisher_key(key_path).public_key()
+    entities = {} if force or not trusted.exists() else read_trusted_entities(trusted)
+    key_id = publisher_key_id(public)
+    if entities.get(key_id, "").split()[:2] == _ssh_public_line(public).split()[:2]:
+        note("kept", trusted)
+    else:
+        action = "updated" if entities else "created"
+        entities[key_id] = _ssh_public_line(public)
+        write_trusted_entities(trusted, entities)
+        note(action, trusted)
+    return key_path, trusted
+
+
 # ---- idempotent set-up --------------------------------------------------------------------------
 
 
@@ -330,6 +460,7 @@ def ensure_credentials(
     note: Reporter = report or (lambda action, path: None)
 
     ca_cert, ca_key = out_dir / CA_CERT, out_dir / CA_KEY
+    _move_legacy_ca_key(out_dir, note)
     if force or not (ca_cert.exists() or ca_key.exists()):
         create_ca(out_dir, days, force=True)
         note("created", ca_cert)
@@ -346,6 +477,9 @@ def ensure_credentials(
             raise CredentialsError(f"the CA certificate {ca_cert} has expired; re-create it with --force "
                                    "and send the new ca.crt to every site")
         _load_private_key(ca_key)
+        _private_dir(ca_key.parent)
+        if ca_key.stat().st_mode & 0o077:
+            os.chmod(ca_key, 0o600)
         note("kept", ca_cert)
         note("kept", ca_key)
         reissue_reason = None
@@ -369,13 +503,29 @@ def ensure_credentials(
             create_server_cert(out_dir, [*sans, *old], days)
             note(f"reissued ({reissue_reason})", server_cert)
 
+    publisher_key, trusted_entities = ensure_publisher_key(out_dir, force=force, report=note)
     for site in sites:
         ensure_site_key(out_dir, site, force=force, report=note)
 
     return Credentials(
         directory=out_dir, ca_cert=ca_cert, ca_key=ca_key, server_cert=server_cert,
-        server_key=server_key, sites=sites,
+        server_key=server_key, sites=sites, publisher_key=publisher_key, trusted_entities=trusted_entities,
     )
+
+
+def _move_legacy_ca_key(out_dir: Path, note: Reporter) -> None:
+    """Move ``ca.key`` from next to the SuperLink's files (older layout) into ``ca-private/``."""
+    legacy, target = out_dir / LEGACY_CA_KEY, out_dir / CA_KEY
+    if not legacy.exists():
+        return
+    if target.exists():
+        raise CredentialsError(
+            f"both {legacy} and {target} exist; keep the one that signed ca.crt in {target} and delete {legacy}"
+        )
+    _private_dir(target.parent)
+    os.chmod(legacy, 0o600)
+    os.replace(legacy, target)
+    note(f"moved from {LEGACY_CA_KEY}", target)
 
 
 def ensure_site_key(out_dir: Path, site: str, *, force: bool = False, report: Reporter | None = None) -> tuple[Path, Path]:
@@ -430,7 +580,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{' '.join(DEFAULT_SANS)}, which the coordinator's `flwr` CLI on the SuperLink host dials")
     parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"certificate lifetime (default: {DEFAULT_DAYS})")
     parser.add_argument("--force", action="store_true",
-                        help="replace the CA, the SuperLink key/certificate and the listed sites' keys")
+                        help="replace the CA, the SuperLink key/certificate, the publisher key (and trusted-entities.yaml) "
+                             "and the listed sites' keys")
     parser.add_argument("--site-keys-only", action="store_true",
                         help="only the --sites key pairs, no CA or SuperLink certificate: what a site runs "
                              "on its own host before sending sites/<site>.pub to the coordinator")
@@ -465,8 +616,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedglioma certs: {err}", file=sys.stderr)
         return 2
     print(f"\ncredentials in {creds.directory}")
-    print("  SuperLink host:  ca.crt superlink.crt superlink.key  (ca.key: keep offline)")
+    print(f"  SuperLink (and proxy): {' '.join(SUPERLINK_FILES)}, nothing else")
+    print(f"  coordinator only:      {CA_KEY} (keep offline), {PUBLISHER_KEY} (signs the apps it runs)")
+    print(f"  every site:            {CA_CERT} {TRUSTED_ENTITIES}")
     for site in creds.sites:
-        print(f"  site {site}: ca.crt + sites/{site} (private, never leaves the site); "
+        print(f"  site {site}: sites/{site} (private, never leaves the site); "
               f"register sites/{site}.pub on the coordinator")
     return 0

@@ -1,11 +1,12 @@
 """``fedglioma demo``: a real federation on this machine, end to end.
 
 1. generate the synthetic demo cohort (unless it is already there);
-2. create the CA, the SuperLink certificate and one key pair per site;
+2. create the CA, the SuperLink certificate, the app publisher key and one key pair per site;
 3. start a TLS SuperLink with SuperNode authentication and one SuperNode per training site, all
-   on 127.0.0.1, and register the sites' public keys;
-4. launch the run with ``flwr run``, show progress per round, and check the run's final status
-   (``flwr run`` itself exits 0 even when the run fails);
+   on 127.0.0.1, the SuperNodes trusting only the federation's publisher key, and register the
+   sites' public keys;
+4. sign the app and launch it with ``flwr run @fedglioma/fedglioma==VERSION``, show progress per
+   round, and check the run's final status (``flwr run`` itself exits 0 even when the run fails);
 5. stop every process it started and print where the report is.
 
 Hydra overrides change rounds, sites, sizes: ``fedglioma demo federation.rounds=2 model=tiny``.
@@ -139,7 +140,8 @@ def run_demo(
                 {"data-path": str(site_dir), "site-name": site_dir.name},
             )
         federation.wait_for_nodes(timeout_s=120.0)
-        print(f"SuperLink and {len(site_dirs)} SuperNodes up (TLS, node authentication); logs in {workdir / 'logs'}", flush=True)
+        print(f"SuperLink and {len(site_dirs)} SuperNodes up (TLS, node authentication, signed apps only); "
+              f"logs in {workdir / 'logs'}", flush=True)
         run_id = federation.run(PROJECT_ROOT, to_run_config(cfg))
         print(f"run {run_id} started; the first round includes model set-up", flush=True)
         status = federation.wait(run_id, timeout, poll_s=10.0, on_poll=_progress_printer(run_dir / "metrics.json", cfg.federation.rounds))

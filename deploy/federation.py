@@ -1,12 +1,13 @@
 """A real Flower deployment on this machine: one TLS SuperLink with SuperNode authentication and
-one SuperNode per site, all on loopback, driven through Flower's own executables and CLI.
+one SuperNode per site, all on loopback, driven through Flower's own executables and CLI. The
+SuperNodes run only apps signed by the federation's publisher key (``--trusted-entities``).
 
 Used by ``fedglioma demo`` and the integration tests. Every process runs in its own process group
 with its log in ``<workdir>/logs/<name>.log``; :class:`LocalFederation` is a context manager that
 stops everything it started on exit (also on exceptions and Ctrl-C). Layout of ``workdir``::
 
     flwr-home/config.toml       the `flwr` CLI's connection (FLWR_HOME), named ``fedglioma-local``
-    superlink/state.db          SuperLink state (SQLite; runs and registered nodes survive restarts)
+    superlink/state.db          SuperLink state (SQLite, mode 0600; runs, registered nodes, model weights)
     superlink/nodes.json        site -> node id of the keys this launcher registered
     supernodes/<site>/          working directory of each SuperNode
     run-configs/run-*.toml      the run-config overrides passed to each ``flwr run``
@@ -17,11 +18,25 @@ Fleet, Control and Runtime APIs on one HTTPS port and answers ``GET /health``; i
 ``flower-superexec`` from ``PATH`` (so the venv's ``bin`` must be on it); ``flwr run`` exits 0 even
 when the run fails, so the final status comes from ``flwr ls``; ``flwr supernode register`` exits 0
 even when registration fails, so its JSON output is checked.
+
+Signed apps (flwr 1.41 source). ``flower-supernode --trusted-entities FILE`` refuses every FAB
+whose ``verifications`` lack ``valid_license`` ("App verification is not supported by the
+connected SuperLink") or carry no Ed25519 signature by a listed key over ``signed_at`` (8 bytes,
+big-endian) + SHA-256 of the FAB (``supernode/start_client_internal.py``: ``_verify_fab``).
+A FAB that ``flwr run APP_DIR`` uploads always has empty verifications: the SuperLink fills them
+only for a Hub app (``flwr run @publisher/app==x.y.z``), from the answer of
+``$FLWR_SUPERGRID_API_URL/hub/fetch-fab`` (``superlink/servicer/control/control_handlers.py``:
+``_get_remote_fab``, ``_format_verification``). :class:`AppHub` answers that request on loopback
+with FABs the coordinator signed itself, so no FAB reaches a site unsigned; the SuperNodes check
+the signature, so the hub itself need not be trusted.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
 import ctypes
+import hashlib
 import json
 import os
 import re
@@ -30,18 +45,23 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 
 import tomli_w
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.config import get_fab_config, get_metadata_from_config
+from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign, sign_message
 
-from deploy.certs import Credentials
+from deploy.certs import Credentials, CredentialsError, load_publisher_key, publisher_key_id
 from server.errors import FederationError
 
 CONNECTION = "fedglioma-local"
@@ -54,6 +74,14 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+#: the SuperLink asks ``$FLWR_SUPERGRID_API_URL/hub/fetch-fab`` for a Hub app's FAB and signatures
+HUB_URL_ENV = "FLWR_SUPERGRID_API_URL"
+#: where deploy/start-superlink.sh points it by default (FEDGLIOMA_APP_HUB_URL), and where
+#: ``python -m deploy.federation`` serves the FAB it signed while ``flwr run`` starts the run
+DEFAULT_HUB_PORT = 8100
+#: files the SuperLink and the apps create (state.db with model weights, run outputs, the sites'
+#: caches of patient data) are readable by their owner only
+PRIVATE_UMASK = 0o077
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
@@ -196,11 +224,121 @@ class ManagedProcess:
         return _tail(self.log_path, lines)
 
 
+# ---- signed apps --------------------------------------------------------------------------------
+
+
+def sign_fab(fab: bytes, publisher_key: Path, signed_at: int | None = None) -> dict[str, str | int]:
+    """One verification record of ``fab`` as Flower Hub hands it to the SuperLink: the key id, the
+    Ed25519 signature (base64url, unpadded) of ``signed_at`` + SHA-256(fab), and ``signed_at``
+    (Unix seconds). Signed with Flower's own message format, as ``flwr app review`` signs."""
+    key = load_publisher_key(publisher_key)
+    when = int(time.time()) if signed_at is None else signed_at
+    signature = sign_message(key, create_message_to_sign(hashlib.sha256(fab).digest(), when))
+    return {
+        "public_key_id": publisher_key_id(key.public_key()),
+        "signature": base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii"),
+        "signed_at": when,
+    }
+
+
+class AppHub:
+    """A loopback stand-in for Flower Hub's FAB download: :meth:`publish` builds an app's FAB the way
+    ``flwr run`` does, signs it, and returns its spec ``@publisher/name==version``; the SuperLink
+    (started with ``FLWR_SUPERGRID_API_URL=`` :attr:`url`) fetches FAB and signature from here when
+    that spec is run. Serves HTTP from a thread of this process until :meth:`stop`."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._apps: dict[tuple[str, str], tuple[bytes, dict[str, str | int]]] = {}
+        self._fabs: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        #: ``(app id, version)`` of every FAB the SuperLink downloaded, in order
+        self.downloads: list[tuple[str, str]] = []
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The value of ``FLWR_SUPERGRID_API_URL`` (and FEDGLIOMA_APP_HUB_URL) for the SuperLink."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self) -> AppHub:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._server.serve_forever, name="app-hub", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._server.server_close()
+
+    def publish(self, app_dir: Path, publisher_key: Path) -> str:
+        """Build ``app_dir``'s FAB, sign it with ``publisher_key`` and serve it; returns the spec for
+        ``flwr run``. Publishing the same name and version again replaces the FAB."""
+        fab = build_fab_from_disk(Path(app_dir))
+        fab_id, version = get_metadata_from_config(get_fab_config(fab))
+        verification = sign_fab(fab, publisher_key)
+        with self._lock:
+            self._apps[(f"@{fab_id}", version)] = (fab, verification)
+            self._fabs[hashlib.sha256(fab).hexdigest()] = fab
+        return f"@{fab_id}=={version}"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                pass  # the SuperLink's log records every run; no second log on stderr
+
+            def _reply(self, code: int, body: bytes, content_type: str = "application/json") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                if self.path != "/v1/hub/fetch-fab":
+                    return self._reply(404, b'{"detail": "not found"}')
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                key = (str(request.get("app_id")), str(request.get("app_version")))
+                with hub._lock:
+                    found = hub._apps.get(key)
+                if found is None:
+                    detail = f"{key[0]}=={key[1]} was not published to this hub; run it with python -m deploy.federation"
+                    return self._reply(404, json.dumps({"detail": detail}).encode())
+                fab, verification = found
+                hub.downloads.append(key)
+                url = f"{hub.url}/fabs/{hashlib.sha256(fab).hexdigest()}"
+                self._reply(200, json.dumps({"fab_url": url, "verifications": [verification]}).encode())
+
+            def do_GET(self) -> None:  # noqa: N802
+                with hub._lock:
+                    fab = hub._fabs.get(self.path.rsplit("/", 1)[-1]) if self.path.startswith("/v1/fabs/") else None
+                if fab is None:
+                    return self._reply(404, b'{"detail": "not found"}')
+                self._reply(200, fab, "application/octet-stream")
+
+        return Handler
+
+
 # ---- the federation -----------------------------------------------------------------------------
 
 
 class LocalFederation:
-    """A TLS SuperLink with SuperNode authentication plus SuperNodes, all on loopback.
+    """A TLS SuperLink with SuperNode authentication plus SuperNodes, all on loopback. With
+    ``verify_apps`` (the default) the SuperNodes run with ``--trusted-entities`` and :meth:`run`
+    signs each app with the credentials' publisher key and serves it through an :class:`AppHub`.
 
     >>> creds = ensure_credentials(workdir / "certs", ["site-a", "site-b"])
     >>> with LocalFederation(workdir, creds) as fed:
@@ -220,6 +358,7 @@ class LocalFederation:
         host: str = "127.0.0.1",
         connection: str = CONNECTION,
         stop_timeout_s: float = 15.0,
+        verify_apps: bool = True,
     ) -> None:
         self.workdir = Path(workdir).expanduser().resolve()
         self.credentials = credentials
@@ -234,9 +373,13 @@ class LocalFederation:
         self._started: list[ManagedProcess] = []  # every process spawned, in start order
         self._local_ports: set[int] = {self.port}
         self._registry_path = self.workdir / "superlink" / "nodes.json"
-        for path in (credentials.ca_cert, credentials.server_cert, credentials.server_key):
+        needed = [credentials.ca_cert, credentials.server_cert, credentials.server_key]
+        if verify_apps:
+            needed += [credentials.publisher_key, credentials.trusted_entities]
+        for path in needed:
             if not path.exists():
-                raise FileNotFoundError(f"{path} is missing; create the credentials with `fedglioma certs {credentials.directory}`")
+                raise FileNotFoundError(f"{path} is missing; create it with `fedglioma certs {credentials.directory}`")
+        self.app_hub: AppHub | None = AppHub() if verify_apps else None
 
     # -- context manager --------------------------------------------------------------------------
 
@@ -275,7 +418,8 @@ class LocalFederation:
     ) -> ManagedProcess:
         """Start ``command`` in ``cwd`` as a managed process: its own process group, output in
         ``logs/<name>.log``, this federation's environment plus ``extra_env``, stopped by
-        :meth:`stop`. (For what the ``start_*`` methods do not cover: a proxy, a deploy script.)"""
+        :meth:`stop`. (For what the ``start_*`` methods do not cover: a proxy, a deploy script.)
+        The process runs with umask 077 (:data:`PRIVATE_UMASK`): what it creates is owner-only."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cwd.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
@@ -287,6 +431,7 @@ class LocalFederation:
         popen = subprocess.Popen(
             command, cwd=cwd, env={**self.env, **(extra_env or {})}, stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT, start_new_session=True,  # own process group, no terminal signals
+            umask=PRIVATE_UMASK,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         proc = ManagedProcess(name, command, popen, log_path, log_file)
@@ -319,14 +464,21 @@ class LocalFederation:
         verified with the CA; write the ``flwr`` connection into ``$FLWR_HOME/config.toml``.
 
         ``command`` replaces :meth:`superlink_command` (e.g. ``deploy/start-superlink.sh``); it
-        must serve :attr:`address` with the credentials' server certificate."""
+        must serve :attr:`address` with the credentials' server certificate. With ``verify_apps``
+        the :class:`AppHub` starts and the SuperLink's environment points at it (``FLWR_SUPERGRID_API_URL``
+        and, for the deploy script, ``FEDGLIOMA_APP_HUB_URL``)."""
         if self.superlink is not None and self.superlink.returncode is None:
             raise FederationError(f"the SuperLink of {self.workdir} is already running (port {self.port})")
         if self.superlink is not None:
             self.superlink.log_file.close()  # an earlier SuperLink that died (its log becomes .log.1)
-        self.superlink = self.spawn(
-            "superlink", command or self.superlink_command(), self.workdir / "superlink", extra_env
-        )
+        state_db = self.workdir / "superlink" / "state.db"
+        if state_db.exists():
+            state_db.chmod(0o600)  # made by an older version with the default umask
+        env = dict(extra_env or {})
+        if self.app_hub is not None:
+            self.app_hub.start()
+            env = {HUB_URL_ENV: self.app_hub.url, "FEDGLIOMA_APP_HUB_URL": self.app_hub.url, **env}
+        self.superlink = self.spawn("superlink", command or self.superlink_command(), self.workdir / "superlink", env)
         self._wait_healthy(self.superlink, timeout_s)
         self.write_connection()
 
@@ -455,6 +607,8 @@ class LocalFederation:
             "--auth-supernode-private-key", str(Path(private_key).resolve()),
             "--port", str(local_port),
         ]
+        if self.app_hub is not None:
+            command += ["--trusted-entities", str(self.credentials.trusted_entities)]
         if node_config:
             command += ["--node-config", format_config(node_config)]
         return command
@@ -515,13 +669,20 @@ class LocalFederation:
 
     # -- runs -------------------------------------------------------------------------------------
 
-    def run(self, app_dir: Path, run_config: Mapping[str, Scalar] | None = None) -> int:
-        """``flwr run APP_DIR CONNECTION --run-config FILE --format json``; returns the run id.
+    def run(
+        self, app_dir: Path, run_config: Mapping[str, Scalar] | None = None, *, publisher_key: Path | None = None
+    ) -> int:
+        """Start ``app_dir`` on the SuperLink; returns the run id. With ``verify_apps``: sign its FAB
+        with ``publisher_key`` (default: the credentials') in the :class:`AppHub` and
+        ``flwr run @publisher/name==version CONNECTION``; without: ``flwr run APP_DIR CONNECTION``.
 
         The overrides go through a TOML file (written by tomli_w, kept in ``run-configs/``) rather
         than the inline ``k=v`` form: Flower's inline parser splits on a regex that cannot carry
         every string, a file carries any value exactly."""
-        args = ["run", str(Path(app_dir).resolve()), self.connection]
+        app = str(Path(app_dir).resolve())
+        if self.app_hub is not None:
+            app = self.app_hub.publish(Path(app_dir), publisher_key or self.credentials.publisher_key)
+        args = ["run", app, self.connection]
         if run_config:
             args += ["--run-config", str(self._write_run_config(run_config))]
         reply = self._flwr_json(*args, timeout_s=300.0)
@@ -598,6 +759,8 @@ class LocalFederation:
         terminate(others, self.stop_timeout_s)
         if self.superlink is not None:
             terminate([self.superlink], self.stop_timeout_s)
+        if self.app_hub is not None:
+            self.app_hub.stop()
 
     def stop_process(self, proc: ManagedProcess) -> None:
         """Stop one process (a SuperNode going offline, a proxy) the same way :meth:`stop` does."""
@@ -645,3 +808,58 @@ def _signal_pid(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+# ---- a signed run on a real SuperLink -------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("app_dir", type=Path, metavar="APP_DIR", help="the Flower app (folder with pyproject.toml)")
+    parser.add_argument("connection", metavar="CONNECTION", help="flwr connection in $FLWR_HOME/config.toml")
+    parser.add_argument("--publisher-key", type=Path, required=True,
+                        help="Ed25519 key made by `fedglioma certs` (CERTS/publisher/publisher.key)")
+    parser.add_argument("--run-config", type=Path, help="TOML file of run-config overrides")
+    parser.add_argument("--hub-port", type=int, default=DEFAULT_HUB_PORT,
+                        help=f"loopback port of FEDGLIOMA_APP_HUB_URL given to start-superlink.sh (default: {DEFAULT_HUB_PORT})")
+
+
+def run_signed(args: argparse.Namespace) -> int:
+    """``flwr run`` of a signed app on a SuperLink started by ``deploy/start-superlink.sh``: serve
+    the signed FAB on ``127.0.0.1:HUB_PORT`` for as long as ``flwr run`` takes (the SuperLink
+    downloads it while it starts the run), print flwr's JSON answer; 0 when the run started."""
+    with AppHub(port=args.hub_port) as hub:
+        spec = hub.publish(args.app_dir, args.publisher_key)
+        command = [str(flower_bin("flwr")), "run", spec, args.connection, "--format", "json"]
+        if args.run_config:
+            command += ["--run-config", str(args.run_config.resolve())]
+        done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    output = _strip_ansi(done.stdout + done.stderr)
+    print(output.strip())
+    try:
+        started = bool(_parse_json_output(done.stdout).get("success"))
+    except ValueError:
+        started = False
+    if started and not hub.downloads:
+        # the SuperLink took the FAB from elsewhere (its default is Flower Hub): the sites refuse it
+        print(f"the run started, but the SuperLink did not fetch {spec} from {hub.url}: set its "
+              f"FEDGLIOMA_APP_HUB_URL to {hub.url} (deploy/start-superlink.sh) and stop this run", file=sys.stderr)
+        return 1
+    return 0 if started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.federation",
+        description="Sign a Flower app with the federation's publisher key and start it on the SuperLink "
+                    "(SuperNodes with --trusted-entities run nothing else).",
+    )
+    add_arguments(parser)
+    try:
+        return run_signed(parser.parse_args(argv))
+    except (CredentialsError, ValueError, OSError) as err:  # bad key, no app (flwr build), hub port taken
+        print(f"python -m deploy.federation: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
