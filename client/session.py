@@ -13,6 +13,7 @@ With ``ssl.enabled`` a site also keeps local state between rounds in its state f
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from client.state import (
 )
 from client.training import LocalTrainer
 from common.config import ExperimentConfig
-from common.contract import SEQUENCES, TASKS
+from common.contract import SEQUENCES, TASKS, VALIDATION_PREFIX
 from common.data.dataset import make_loader
 from common.data.site import load_site, split_cases
 from common.evaluation.loop import evaluate
@@ -121,14 +122,16 @@ class SiteSession:
         return facts
 
     # ----------------------------------------------------------------- train
-    def train(self, model: nn.Module, round_config: Mapping[str, Any]) -> dict[str, float]:
+    def train(self, model: nn.Module, round_config: Mapping[str, Any]) -> dict[str, Any]:
         """Local training of ``model`` (in place) for the stage the server asked for.
 
         Round config keys: ``stage``, ``local-epochs``, ``lr``, ``proximal-mu``,
-        ``freeze-imputer``, ``global-round`` and ``pseudo-label``. In a supervised round with
+        ``freeze-imputer``, ``global-round``, ``pseudo-label`` and ``validate`` (first score the
+        received model on the validation split; those metrics come back prefixed ``val/``, NaN
+        where undefined, as an evaluate reply's would). In a supervised round with
         ``ssl.enabled``, pseudo-labels are re-selected first when ``pseudo-label`` is True (else
         the stored ones are reused) and merged into training; with ``ssl.consistency`` such a
-        round also trains against the site's EMA teacher. Returns finite scalar metrics only.
+        round also trains against the site's EMA teacher. The training metrics are finite scalars.
         """
         cfg = self.cfg
         configure_runtime(cfg, self.device)
@@ -138,12 +141,20 @@ class SiteSession:
         if bool(round_config.get("freeze-imputer", False)) and hasattr(model, "imputer"):
             freeze_module(model.imputer)
         metrics = self.description()
+        validated: dict[str, Any] = {}  # may hold NaN (e.g. an AUC of a one-class split), as evaluate replies do
+        if bool(round_config.get("validate", False)):
+            # the received global model on the validation split, before it is trained: the round's
+            # one message also does what an evaluate message would (federation.site_validation)
+            started = time.perf_counter()
+            validation = self.evaluate(model)
+            validation["seconds"] = time.perf_counter() - started
+            validated = {f"{VALIDATION_PREFIX}{k}": v for k, v in validation.items()}
         cases = self.stage_cases(stage)
         if not cases:
             # Nothing to train on in this stage here (imputer pre-training or complete-case-only
             # training at a site without complete cases): weights go back unchanged, weight 0.
             metrics.update({"num-examples": 0.0, "steps": 0.0})
-            return _scalar_metrics(metrics)
+            return {**_scalar_metrics(metrics), **validated}
         # Shuffling and augmentation differ per round yet repeat exactly for the same seed and round.
         seed = cfg.train.seed + int(round_config.get("global-round", 0))
         loader = make_loader(cases, cfg.data, train=True, seed=seed)
@@ -176,7 +187,7 @@ class SiteSession:
         metrics.update(result.metrics)
         metrics["num-examples"] = float(n_examples)
         model.cpu()
-        return _scalar_metrics(metrics)
+        return {**_scalar_metrics(metrics), **validated}
 
     # ------------------------------------------------------- semi-supervision
     def _round_tag(self, round_config: Mapping[str, Any]) -> RoundTag:

@@ -31,6 +31,7 @@ TASK_WEIGHTINGS: tuple[str, ...] = ("uncertainty", "equal")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
 UPDATE_BOUNDS: tuple[str, ...] = ("reject", "clip", "off")
 QUORUM_ACTIONS: tuple[str, ...] = ("skip", "stop")
+SITE_VALIDATIONS: tuple[str, ...] = ("in_train", "message")
 
 Scalar = bool | int | float | str
 
@@ -138,7 +139,12 @@ class FederationConfig:
     min_nodes: int = 2
     node_wait_s: float = 300.0  # give up (clear error) when nodes do not connect in time
     round_timeout_s: float = 3600.0
-    evaluate_sites: bool = True  # per-site validation metrics every round
+    evaluate_sites: bool = True  # per-site validation metrics of the global models
+    # "in_train": a site validates the received global model inside the training message, before
+    # training (one message per site per round; a last evaluate message validates the final model);
+    # "message": a separate evaluate message after every round
+    site_validation: str = "in_train"
+    validate_every: int = 1  # with in_train: validate the global models of every k-th round (and the last)
     heldout: str = ""  # absolute path of the held-out center (server side)
     out_dir: str = "runs"  # parent of run folders; made absolute by the launcher
     run_name: str = "demo"
@@ -257,6 +263,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("federation", "strategy"): STRATEGIES,
         ("federation", "update_bound"): UPDATE_BOUNDS,
         ("federation", "on_quorum_fail"): QUORUM_ACTIONS,
+        ("federation", "site_validation"): SITE_VALIDATIONS,
     }
     for (sname, key), allowed in choices.items():
         value = getattr(getattr(cfg, sname), key)
@@ -266,6 +273,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.size={cfg.data.size} must be a multiple of 8 (the encoder downsamples 3 times)")
     if cfg.model.d_model % cfg.model.heads:
         raise ConfigError(f"model.d_model={cfg.model.d_model} must be divisible by model.heads={cfg.model.heads}")
+    if cfg.federation.validate_every < 1:
+        raise ConfigError(f"federation.validate_every={cfg.federation.validate_every} must be >= 1")
     if not 0.0 < cfg.federation.quorum <= 1.0:
         raise ConfigError(f"federation.quorum={cfg.federation.quorum} must be in (0, 1] (a fraction of the sites)")
     if cfg.federation.max_update_ratio <= 1.0:

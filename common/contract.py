@@ -31,9 +31,37 @@ NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 #: Internal segmentation labels.
 BACKGROUND, NCR, ED, ET = 0, 1, 2, 3
 SEG_CLASSES: tuple[str, ...] = ("background", "ncr", "ed", "et")
-#: Legacy BraTS (<= 2021) files store enhancing tumor as 4; it is remapped to ET on load.
+#: BraTS <= 2021 files store enhancing tumor as 4 (3 is unused).
 LEGACY_ET = 4
-ALLOWED_SEG_VALUES: frozenset[int] = frozenset({BACKGROUND, NCR, ED, ET, LEGACY_ET})
+#: BraTS 2024 post-treatment files store the resection cavity as 4.
+RESECTION_CAVITY = 4
+
+#: Segmentation label conventions: the value in a site's ``*seg`` file -> internal label. A value
+#: missing from a convention's table is not part of it (the case is rejected). The resection cavity
+#: of ``brats2024-post`` lies outside WT/TC/ET, as in that challenge's official evaluation: it is
+#: background for every region here.
+LABEL_CONVENTIONS: Mapping[str, Mapping[int, int]] = MappingProxyType(
+    {
+        "brats2021": MappingProxyType({0: BACKGROUND, 1: NCR, 2: ED, LEGACY_ET: ET}),
+        "brats2023": MappingProxyType({0: BACKGROUND, 1: NCR, 2: ED, 3: ET}),
+        "brats2024-post": MappingProxyType({0: BACKGROUND, 1: NCR, 2: ED, 3: ET, RESECTION_CAVITY: BACKGROUND}),
+    }
+)
+#: What a reader of ``fedglioma check-site`` needs to know about each convention.
+LABEL_CONVENTION_TEXT: Mapping[str, str] = MappingProxyType(
+    {
+        "brats2021": "BraTS 2020/2021: 1 necrotic core, 2 edema, 4 enhancing tumor",
+        "brats2023": "BraTS 2023: 1 necrotic/non-enhancing core, 2 edema, 3 enhancing tumor",
+        "brats2024-post": "BraTS 2024 post-treatment: 1 non-enhancing core, 2 edema, 3 enhancing tumor, "
+        "4 resection cavity (outside WT/TC/ET: background)",
+    }
+)
+#: The convention a file naming implies when a site declares none. Naming only chooses between
+#: these two; it never makes a 4 enhancing tumor in BraTS 2023+ names (there it may be a cavity).
+NAMING_CONVENTION: Mapping[str, str] = MappingProxyType({"brats2021": "brats2021", "brats2023": "brats2023"})
+ALLOWED_SEG_VALUES: frozenset[int] = frozenset(v for table in LABEL_CONVENTIONS.values() for v in table)
+#: Optional file in a site folder declaring its conventions, e.g. ``{"label_convention": "brats2024-post"}``.
+SITE_JSON = "site.json"
 
 #: BraTS evaluation regions as sets of internal labels (nnU-Net style: regions are data).
 REGIONS: Mapping[str, tuple[int, ...]] = MappingProxyType(
@@ -76,3 +104,7 @@ PARAM_GROUPS: tuple[str, ...] = ("stems", "imputer", "fusion", "encoder", "decod
 
 #: Name of the segmentation term among the loss terms (beside one term per task).
 SEG_TERM = "seg"
+
+#: prefix of the metrics in a training reply that validate the *received* global model at the site
+#: (federation.site_validation=in_train), as opposed to the local training that followed
+VALIDATION_PREFIX = "val/"

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common.config import ExperimentConfig, from_run_config
-from common.evaluation.calibration import fit_calibration
+from common.evaluation.calibration import Calibration, fit_calibration
 from common.evaluation.metrics import selection_score
 from common.model import build_model
 from common.model.checkpoint import load_weights
@@ -59,23 +59,24 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         identities.unlink(missing_ok=True)  # a new run binds names afresh; a resumed one keeps them
     strategy = build_strategy(cfg.federation, schedule=schedule, identities=identities)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        global_round = schedule.global_round(server_round)
-        if server_round == 0 and offset > 0:
-            return None  # round `offset` was scored before the restart
+    calibrations = [Calibration()]  # the latest fit, for models the sites do not validate
+    pending: dict[str, Any] = {}  # a global model waiting for its validation in the next round's replies
+
+    def complete(global_round: int, arrays: ArrayRecord, round_log: dict[str, Any], sites: dict[str, Any]) -> dict[str, float]:
+        """Score and record the global model of ``global_round`` once its site validation is in."""
         load_packed(model, arrays)
-        round_log = strategy.pop_round()
         # Calibration and model selection come from the sites' validation of this global model;
         # the held-out center only receives the calibration and is scored, it chooses nothing.
-        calibration = fit_calibration(round_log["sites"].values())
-        score = selection_score(round_log["sites"])
+        calibration = fit_calibration(sites.values()) if sites else calibrations[-1]
+        calibrations.append(calibration)
+        score = selection_score(sites)
         started = time.monotonic()
         metrics = heldout.evaluate(model, calibration)
         round_log["seconds"]["heldout"] = time.monotonic() - started
         folder.record_round(
             global_round,
             heldout=metrics,
-            sites=round_log["sites"],
+            sites=sites,
             train=round_log["train"],
             extra={
                 "stage": "initial" if global_round == 0 else schedule.stage(global_round),
@@ -92,20 +93,43 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         folder.save_checkpoint(global_round, model.state_dict(), score, calibration.to_dict())
         write_report(folder.root)
         log(INFO, "round %d held-out: %s", global_round, _brief(metrics))
+        return metrics
+
+    def on_validation(sites: dict[str, Any]) -> None:
+        """The sites' validation of the pending global model arrived with the next round's replies."""
+        if pending:
+            complete(**pending.pop("model"), sites=sites)
+
+    strategy.on_validation = on_validation
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        global_round = schedule.global_round(server_round)
+        if server_round == 0 and offset > 0:
+            return None  # round `offset` was scored before the restart
+        round_log = strategy.pop_round()
+        if schedule.validated_in_train(global_round) and strategy.stop_reason is None:
+            # recorded when the next round's training replies bring the sites' validation
+            pending["model"] = {"global_round": global_round, "arrays": arrays, "round_log": round_log}
+            return None
+        metrics = complete(global_round, arrays, round_log, round_log["sites"])
         if strategy.stop_reason is not None:
             raise FederationError(strategy.stop_reason)  # after the round was recorded
         return MetricRecord({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
 
     if remaining > 0:
-        strategy.start(
-            grid=grid,
-            initial_arrays=pack_state(model.state_dict()),
-            num_rounds=remaining,
-            timeout=cfg.federation.round_timeout_s,
-            train_config=ConfigRecord({}),
-            evaluate_config=ConfigRecord({}),
-            evaluate_fn=evaluate_fn,
-        )
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=pack_state(model.state_dict()),
+                num_rounds=remaining,
+                timeout=cfg.federation.round_timeout_s,
+                train_config=ConfigRecord({}),
+                evaluate_config=ConfigRecord({}),
+                evaluate_fn=evaluate_fn,
+            )
+        finally:
+            if pending:  # the run stopped before the sites validated a finished model: keep it
+                complete(**pending.pop("model"), sites={})
     else:
         log(INFO, "%s already has all %d rounds; nothing to train", folder.root, cfg.federation.rounds)
     final = folder.finalize(extra={"heldout_cases": heldout.n_cases, "mode": "federated"})

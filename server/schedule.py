@@ -8,6 +8,13 @@ Stages (in order):
      an imputer (GMENet self-supervised pre-training; sites without complete cases skip it);
   2. ``supervised`` rounds; after ``ssl.warmup_rounds`` of them, pseudo-labeling is switched on
      (``pseudo-label=True``) when ``ssl.enabled``.
+
+Site validation of the global models (``federation.evaluate_sites``): with
+``federation.site_validation=in_train`` a site validates the model it receives inside the training
+message, before training (``validate=True`` in the round config), so round g's replies carry the
+validation of global model g-1, for the models of every ``validate_every``-th round; the final
+model is validated by one evaluate message after the last round. With ``message`` every round has
+an evaluate message, as Flower's strategies do by default.
 """
 
 from __future__ import annotations
@@ -25,6 +32,31 @@ class RoundSchedule:
     @property
     def evaluate_sites(self) -> bool:
         return self.cfg.federation.evaluate_sites
+
+    @property
+    def final_round(self) -> int:
+        return self.cfg.federation.rounds
+
+    @property
+    def in_train_validation(self) -> bool:
+        return self.evaluate_sites and self.cfg.federation.site_validation == "in_train"
+
+    def model_validated(self, global_round: int) -> bool:
+        """Whether the sites validate the global model of ``global_round`` (0: the initial one)."""
+        if not self.evaluate_sites:
+            return False
+        return (not self.in_train_validation or global_round % self.cfg.federation.validate_every == 0
+                or global_round == self.final_round)
+
+    def validated_in_train(self, global_round: int) -> bool:
+        """Whether the model of ``global_round`` is validated inside the next round's training message."""
+        return self.in_train_validation and global_round < self.final_round and self.model_validated(global_round)
+
+    def evaluate_message(self, server_round: int) -> bool:
+        """Whether round ``server_round`` ends with an evaluate message to the sites."""
+        if not self.evaluate_sites:
+            return False
+        return not self.in_train_validation or self.global_round(server_round) == self.final_round
 
     def global_round(self, server_round: int) -> int:
         return self.offset + server_round
@@ -50,6 +82,8 @@ class RoundSchedule:
             "lr": float(self.cfg.train.lr),
             "local-epochs": int(epochs),
             "pseudo-label": self.pseudo_labeling(g),
+            # after a resume the received model (round `offset`) was validated before the restart
+            "validate": self.validated_in_train(g - 1) and not (server_round == 1 and self.offset > 0),
             "freeze-imputer": bool(
                 self.cfg.model.imputation and self.cfg.imputation.freeze and stage != "pretrain_imputer"
                 and self.cfg.imputation.pretrain_rounds > 0

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.contract import TASKS
+from common.contract import TASKS, VALIDATION_PREFIX
 from server.errors import FederationError, NodeWaitTimeout
 from server.schedule import RoundSchedule
 from server.strategy.bounds import (
@@ -79,6 +79,10 @@ class FederationMixin:
         self.registry = registry or SiteRegistry()
         self.min_nodes = int(self.min_available_nodes)  # type: ignore[attr-defined]
         self.stop_reason: str | None = None  # set when a round missed its quorum and the run stops
+        # called with {site: validation metrics} of the received global model when a round's training
+        # replies carry them (federation.site_validation=in_train)
+        self.on_validation: Callable[[dict[str, dict[str, Any]]], None] | None = None
+        self.validation: dict[str, dict[str, Any]] = {}
         self._started = False  # after the first phase, missing sites are waited for only briefly
         self._reference: dict[str, tuple[tuple[int, ...], str]] = {}
         self._current: ArrayRecord | None = None  # the global model a round starts from
@@ -200,7 +204,7 @@ class FederationMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if not self.schedule.evaluate_sites or self.stop_reason is not None:
+        if not self.schedule.evaluate_message(server_round) or self.stop_reason is not None:
             return []
         connected = self.wait_for_nodes(grid)
         self._phase_start["site_eval"] = time.monotonic()
@@ -221,6 +225,8 @@ class FederationMixin:
                 log(WARNING, "site %s failed this round: %s", name, self.failures[name])
                 continue
             content = reply.content
+            if claim.conflict is None and train:
+                self._take_validation(name, content)
             if claim.conflict is not None:
                 reason = f"identity conflict: {claim.conflict}"
             elif len(content.metric_records) != 1 or (train and len(content.array_records) != 1):
@@ -244,6 +250,16 @@ class FederationMixin:
                 continue
             kept.append((name, reply))
         return kept
+
+    def _take_validation(self, name: str, content: RecordDict) -> None:
+        """Move the ``val/`` metrics (the site's validation of the received global model) out of a
+        training reply's MetricRecord into :attr:`validation`."""
+        for record in content.metric_records.values():
+            keys = [k for k in record.keys() if k.startswith(VALIDATION_PREFIX)]
+            if keys:
+                self.validation[name] = record_to_dict(MetricRecord({k[len(VALIDATION_PREFIX):]: record[k] for k in keys}))
+                for key in keys:
+                    del record[key]
 
     def _bound(self, kept: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
         """Reject or clip outlying updates and cap averaging weights (:mod:`server.strategy.bounds`)."""
@@ -308,7 +324,13 @@ class FederationMixin:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._mark("train")
+        self.validation = {}
         kept = self._screen(replies, train=True)
+        if self.on_validation is not None and bool(self._instructions) and bool(
+            self._instructions[0].content[self.configrecord_key].get("validate", False)  # type: ignore[attr-defined]
+        ):
+            # the previous global model is recorded first, also when this round fails below
+            self.on_validation(self.validation)
         for name, reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
             if "n_train" in metrics:
