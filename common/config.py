@@ -28,7 +28,7 @@ CLASSIFIER_POOLINGS: tuple[str, ...] = ("tumor", "global")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 CLS_LOSSES: tuple[str, ...] = ("weighted_ce", "balanced_softmax", "focal")
 TASK_WEIGHTINGS: tuple[str, ...] = ("uncertainty", "equal")
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
 UPDATE_BOUNDS: tuple[str, ...] = ("reject", "clip", "off")
 QUORUM_ACTIONS: tuple[str, ...] = ("skip", "stop")
 SITE_VALIDATIONS: tuple[str, ...] = ("in_train", "message")
@@ -134,7 +134,7 @@ class FederationConfig:
     """Rounds, strategy and the server's bounds."""
 
     rounds: int = 3
-    strategy: str = "fedavg"  # "fedavg" or "fedprox"
+    strategy: str = "fedavg"  # one of STRATEGIES
     proximal_mu: float = 0.01
     min_nodes: int = 2
     node_wait_s: float = 300.0  # give up (clear error) when nodes do not connect in time
@@ -152,6 +152,10 @@ class FederationConfig:
     # resume from this checkpoint instead of last.pt: a file name in <run folder>/checkpoints/
     # (round-002.pt) or an absolute path; metrics.json rounds after it are dropped. "" = last.pt
     resume_from: str = ""
+    # server-side optimizers on the averaged update: fedavgm (server_momentum, learning rate 1),
+    # fedadam / fedyogi (server_lr is their eta)
+    server_lr: float = 0.01
+    server_momentum: float = 0.9
     # robust aggregation (fedtrimmedavg: fraction cut from each tail; krum/bulyan: sites assumed hostile)
     trimmed_beta: float = 0.2
     num_malicious: int = 0

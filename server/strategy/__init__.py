@@ -17,6 +17,7 @@ from server.strategy.fedavg import GliomaFedAvg
 from server.strategy.federation import FederationMixin
 from server.strategy.fedprox import GliomaFedProx
 from server.strategy.identity import SiteRegistry
+from server.strategy.optimizers import GliomaFedAdam, GliomaFedAvgM, GliomaFedYogi
 from server.strategy.robust import (
     GliomaBulyan,
     GliomaFedMedian,
@@ -56,6 +57,12 @@ def build_strategy(
         return GliomaFedProx(proximal_mu=federation.proximal_mu, **common)
     if name == "fedavg":
         return GliomaFedAvg(**common)
+    if name == "fedavgm":
+        return GliomaFedAvgM(server_learning_rate=1.0, server_momentum=federation.server_momentum, **common)
+    if name == "fedadam":
+        return GliomaFedAdam(eta=federation.server_lr, **common)
+    if name == "fedyogi":
+        return GliomaFedYogi(eta=federation.server_lr, **common)
     if name == "fedmedian":
         return GliomaFedMedian(**common)
     if name == "fedtrimmedavg":

@@ -166,3 +166,22 @@ def test_each_head_is_averaged_over_the_sites_labeled_for_its_task() -> None:
     messages = list(strategy.configure_train(2, arrays, ConfigRecord({}), FakeGrid([1, 2])))
     config = messages[0].content["config"]
     assert list(config["class-count-idh"]) == [5.0, 5.0]
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
+def test_server_optimizers_step_from_the_averaged_update(name: str) -> None:
+    """Two rounds of the same site update: FedAvg lands on the sites' mean both times; a server
+    optimizer moves by its own rule (momentum accumulates; Adam/Yogi take a step of about eta)."""
+    strategy = make_strategy(name, server_lr=0.05, server_momentum=0.9)
+    current = global_arrays()
+    steps = []
+    for server_round in (1, 2):
+        list(strategy.configure_train(server_round, current, ConfigRecord({}), FakeGrid([1, 2])))
+        start = float(current["w"].numpy().mean())
+        target = start + 0.1  # both sites moved every weight by +0.1
+        current, _ = strategy.aggregate_train(server_round, [reply(1, "a", target, 10), reply(2, "b", target, 10)])
+        steps.append(float(current["w"].numpy().mean()) - start)
+    if name == "fedavgm":
+        assert steps[0] == pytest.approx(0.1, abs=1e-6) and steps[1] == pytest.approx(0.19, abs=1e-5)
+    else:
+        assert 0 < steps[0] < 0.1 and steps[0] != pytest.approx(0.1)
