@@ -1,11 +1,13 @@
-"""``fedglioma check-site DIR [DIR ...] [--json] [--shallow] [--allow-external-links]``: what a site
-folder holds, what is usable, what is missing, what is broken and how to fix it.
+"""``fedglioma check-site DIR [DIR ...] [--json] [--shallow] [--allow-external-links]
+[--label-convention NAME]``: what a site folder holds, what is usable, what is missing, what is
+broken and how to fix it, and how its segmentations are read (the label convention; resection
+cavity volumes under ``brats2024-post``).
 
 The report is for the site's own eyes: it names case IDs and paths. Only the counts per rejection
 category (``rejection_counts``) are fit to share with the coordinator.
 
-Exit status: 0 every site has at least one usable case; 1 a site has no usable case or its
-labels.csv is broken; 2 a folder does not exist.
+Exit status: 0 every site has at least one usable case; 1 a site has no usable case, or its
+labels.csv or site.json is broken; 2 a folder does not exist.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from common.contract import LABEL_CONVENTION_TEXT, LABEL_CONVENTIONS, RESECTION_CAVITY, SITE_JSON
 
 EXIT_OK, EXIT_UNUSABLE, EXIT_NOT_FOUND = 0, 1, 2
 
@@ -29,20 +33,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-external-links", action="store_true",
                         help="accept case folders and files that are symbolic links leading out of the site "
                              "folder (rejected by default: they can pull in another center's cases)")
+    parser.add_argument("--label-convention", choices=sorted(LABEL_CONVENTIONS), default=None,
+                        help=f"how the segmentations are labelled (as the SuperNode's node config "
+                             f"label-convention or the site's {SITE_JSON} declares it): "
+                             + "; ".join(f"{k}: {v}" for k, v in LABEL_CONVENTION_TEXT.items())
+                             + ". Default: the site's site.json, else each case's file naming when its values agree")
 
 
-def check_site(root: Path, *, deep: bool = True, allow_external_links: bool = False) -> tuple[int, dict[str, Any]]:
+def check_site(
+    root: Path, *, deep: bool = True, allow_external_links: bool = False, label_convention: str | None = None
+) -> tuple[int, dict[str, Any]]:
     """(exit status, JSON-able report) for one site folder; ``report["error"]`` explains a
     non-zero status."""
     # Heavy (torch, flwr): imported when the command runs, so that `fedglioma --help` stays fast.
-    from common.data.site import LabelsCsvError, SiteNotFoundError, scan_site
+    from common.data.site import LabelsCsvError, SiteDeclarationError, SiteNotFoundError, scan_site
 
     base = {"site": root.name, "root": str(root), "deep": deep, "allow_external_links": allow_external_links}
     try:
-        index = scan_site(root, deep=deep, allow_external_links=allow_external_links)
+        index = scan_site(root, deep=deep, allow_external_links=allow_external_links,
+                          label_convention=label_convention)
     except SiteNotFoundError as exc:
         return EXIT_NOT_FOUND, base | {"usable": 0, "error": str(exc)}
-    except LabelsCsvError as exc:
+    except (LabelsCsvError, SiteDeclarationError) as exc:
         return EXIT_UNUSABLE, base | {"usable": 0, "error": str(exc)}
     report = base | index.summary()
     if not index.cases:
@@ -92,10 +104,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines += _table(["task", "class 0", "class 1", "no label"], rows)
         lines.append("")
         lines.append(f"  segmentations: {report['segmentations']} of {usable} usable cases")
-        legacy = report["legacy_et_remapped"]
-        if legacy:
-            lines.append(f"  note: {len(legacy)} segmentation(s) use label 4 for enhancing tumor (legacy BraTS); "
-                         f"it is remapped to 3 on load: {', '.join(legacy)}")
+        lines += _convention_lines(report)
     if report["rejected"]:
         lines.append("")
         kinds = ", ".join(f"{n} {category}" for category, n in report["rejection_counts"].items())
@@ -119,11 +128,32 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _convention_lines(report: dict[str, Any]) -> list[str]:
+    """How the segmentations are read: the declared convention or the one each naming implies, and
+    the resection cavity volumes."""
+    convention = report["label_convention"]
+    counts = convention["cases"]
+    if convention["declared"]:
+        lines = [f"  label convention: {convention['declared']} (declared by {convention['source']}): "
+                 f"{LABEL_CONVENTION_TEXT[convention['declared']]}"]
+    else:
+        lines = [f"  label convention: not declared ({SITE_JSON} or --label-convention); read per case from its "
+                 "file naming, values checked:"]
+        lines += [f"    {name}: {n} segmentation(s) ({LABEL_CONVENTION_TEXT[name]})" for name, n in counts.items()]
+    cavities = report["resection_cavity_ml"]
+    if cavities:
+        lines.append(f"  resection cavity (label {RESECTION_CAVITY}, background for WT/TC/ET): {len(cavities)} case(s), "
+                     f"{sum(cavities.values()):.3g} mL in all")
+        lines += [f"    {case_id}: {ml:.3g} mL" for case_id, ml in cavities.items()]
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     status, reports = EXIT_OK, []
     for root in args.dirs:
         code, report = check_site(Path(root).expanduser(), deep=not args.shallow,
-                                  allow_external_links=args.allow_external_links)
+                                  allow_external_links=args.allow_external_links,
+                                  label_convention=args.label_convention)
         status = max(status, code)  # 2 (not found) > 1 (unusable) > 0
         reports.append(report)
         if not args.json:

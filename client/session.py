@@ -90,7 +90,7 @@ class SiteSession:
     def open(cls, node_config: Mapping[str, Any], cfg: ExperimentConfig) -> SiteSession:
         name, root = site_location(node_config)
         external = str(node_config.get("allow-external-links", "false")).strip().lower() in {"1", "true", "yes"}
-        index = load_site(root, allow_external_links=external)  # NoUsableCaseError: counts per category
+        index = load_site(root, allow_external_links=external, label_convention=node_config.get("label-convention") or None)
         train_cases, val_cases = split_cases(index.cases, cfg.data.val_fraction, cfg.data.split_seed)
         state = site_state_path(node_config, name)
         return cls(name, cfg, select_device("auto"), index, train_cases, val_cases, state)

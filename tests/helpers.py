@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from common.contract import ED, LABELS_CSV, LABELS_CSV_COLUMNS, NAMING, NCR, SEQUENCES
+from common.contract import ED, ET, LABELS_CSV, LABELS_CSV_COLUMNS, LEGACY_ET, NAMING, NCR, SEQUENCES
 
 #: Mean intensity of (brain, edema, enhancing, necrosis) per sequence: different contrasts, so a
 #: channel mix-up shows in tests.
@@ -88,7 +88,7 @@ def write_case(
     naming: str = "brats2021",
     sequences: Iterable[str] = SEQUENCES,
     seg: bool = True,
-    et_label: int = 3,
+    et_label: int | None = None,
     affine: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
     ext: str = ".nii.gz",
@@ -100,12 +100,15 @@ def write_case(
         naming: "brats2021" (``_t1ce``) or "brats2023" (``-t1c``).
         sequences: which of SEQUENCES to write (the others are missing).
         seg: write the segmentation too.
-        et_label: value used for enhancing tumor in the segmentation (3, or legacy 4).
+        et_label: value used for enhancing tumor in the segmentation; default: the naming's own
+            (4 for brats2021, 3 for brats2023).
         affine: 4x4 voxel-to-world matrix shared by every file (default identity = 1 mm voxels).
         rng: randomness for the tumor position and noise (default: seeded from ``case_id``).
         ext: ".nii.gz" or ".nii".
     """
     rng = rng or np.random.default_rng(zlib.crc32(case_id.encode()))
+    if et_label is None:
+        et_label = LEGACY_ET if naming == "brats2021" else ET
     images, labels = synthetic_volumes(tuple(shape), et_label, rng)
     for seq in sequences:
         write_nifti(case_path(site_dir, case_id, seq, naming, ext), images[seq], affine)
@@ -134,10 +137,11 @@ def write_labels_csv(
 
 
 #: The cases of :func:`write_site`: (case_id, naming, sequences, seg, et_label, labels row values).
+#: Each case's segmentation follows its naming's label convention (4 = ET in brats2021 names).
 SITE_CASES: tuple[tuple[str, str, tuple[str, ...], bool, int, tuple[str, str, str, str]], ...] = (
-    ("case-001", "brats2021", SEQUENCES, True, 3, ("wildtype", "intact", "HGG", "methylated")),
+    ("case-001", "brats2021", SEQUENCES, True, 4, ("wildtype", "intact", "HGG", "methylated")),
     ("case-002", "brats2021", SEQUENCES, True, 4, ("mutant", "codeleted", "LGG", "unmethylated")),
-    ("case-003", "brats2021", ("t1", "t2", "flair"), True, 3, ("mutant", "intact", "3", "")),
+    ("case-003", "brats2021", ("t1", "t2", "flair"), True, 4, ("mutant", "intact", "3", "")),
     ("case-004", "brats2023", SEQUENCES, False, 3, ("wildtype", "", "4", "methylated")),
     ("case-005", "brats2023", ("t2", "flair"), True, 3, ("", "", "", "")),
     ("case-006", "brats2023", SEQUENCES, True, 3, ("Mutant ", "Codeleted", "II", "methylated")),
@@ -145,8 +149,8 @@ SITE_CASES: tuple[tuple[str, str, tuple[str, ...], bool, int, tuple[str, str, st
 
 
 def write_site(site_dir: Path | str, shape: Sequence[int] = (16, 16, 16)) -> Path:
-    """A small valid site: the six :data:`SITE_CASES` (both namings, missing sequences, a case
-    without segmentation, a legacy label-4 case, unknown labels) and their labels.csv."""
+    """A small valid site: the six :data:`SITE_CASES` (both namings and their label conventions,
+    missing sequences, a case without segmentation, unknown labels) and their labels.csv."""
     site_dir = Path(site_dir)
     for case_id, naming, sequences, seg, et_label, _ in SITE_CASES:
         write_case(site_dir, case_id, shape=shape, naming=naming, sequences=sequences, seg=seg, et_label=et_label)

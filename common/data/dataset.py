@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from common.config import DataConfig
 from common.data.site import SEG_KEY, CaseRecord, SiteIndex, label_matrix, split_cases
-from common.data.transforms import INDEX, LABELS, build_transforms
+from common.data.transforms import INDEX, LABEL_CONVENTION, LABELS, build_transforms
 
 
 def case_item(case: CaseRecord, index: int) -> dict[str, Any]:
@@ -38,6 +38,7 @@ def case_item(case: CaseRecord, index: int) -> dict[str, Any]:
     item: dict[str, Any] = {seq: str(path) for seq, path in case.images.items()}
     if case.seg is not None:
         item[SEG_KEY] = str(case.seg)
+        item[LABEL_CONVENTION] = case.label_convention
     item[LABELS] = np.asarray(case.labels, dtype=np.int64)
     item[INDEX] = np.asarray(index, dtype=np.int64)  # 0-d array: EnsureTyped leaves numpy scalars alone
     return item

@@ -13,7 +13,15 @@ sequence file that cannot be read as one (a broken symbolic link, a folder, an u
 names differing only by letter case) rejects its case: it is never taken for a missing sequence.
 Symbolic links leading out of the site folder reject their case unless allowed: they could pull in
 another center's cases (the held-out one). Problems that make the whole site unreadable
-(``labels.csv`` missing or malformed) raise a :class:`SiteError`.
+(``labels.csv`` missing or malformed, a bad ``site.json``) raise a :class:`SiteError`.
+
+Segmentation label conventions (:data:`common.contract.LABEL_CONVENTIONS`): a site declares one
+in ``site.json`` (``{"label_convention": "brats2024-post"}``) or through the caller (the SuperNode's
+node config ``label-convention``, ``fedglioma check-site --label-convention``). Undeclared, each
+case's file naming chooses between ``brats2021`` (4 = enhancing tumor) and ``brats2023`` (3 =
+enhancing tumor) as long as its segmentation values agree; a 4 in BraTS 2023+ names is never
+taken for tumor (BraTS 2024 post-treatment uses it for the resection cavity): the case is rejected
+until the site declares which it is.
 
 What leaves the site: :meth:`SiteIndex.rejection_counts` / :meth:`SiteIndex.rejection_summary` and
 ``str(NoUsableCaseError)`` hold counts per category only, never a case ID, file name or path; the
@@ -34,6 +42,7 @@ import difflib
 import errno
 import gzip
 import io
+import json
 import math
 import os
 import stat
@@ -49,13 +58,17 @@ from nibabel.openers import ImageOpener
 
 from common.contract import (
     ALLOWED_SEG_VALUES,
+    LABEL_CONVENTION_TEXT,
+    LABEL_CONVENTIONS,
     LABELS_CSV,
     LABELS_CSV_COLUMNS,
     LABELS_CSV_OPTIONAL,
-    LEGACY_ET,
     NAMING,
+    NAMING_CONVENTION,
     NIFTI_EXTENSIONS,
+    RESECTION_CAVITY,
     SEQUENCES,
+    SITE_JSON,
     TASK_CLASSES,
     TASK_COLUMNS,
     TASKS,
@@ -93,6 +106,11 @@ class LabelsCsvError(SiteError):
     """``labels.csv`` is missing or structurally broken (unreadable, columns, duplicate rows)."""
 
 
+class SiteDeclarationError(SiteError):
+    """``site.json`` is unreadable or names an unknown value, or it contradicts the label convention
+    the caller declared (node config ``label-convention``, ``--label-convention``)."""
+
+
 class NoUsableCaseError(SiteError):
     """Every case of the site was rejected.
 
@@ -128,6 +146,7 @@ class Category(StrEnum):
     NON_FINITE = "non-finite values"
     CONSTANT = "constant image"
     SEG_VALUES = "bad segmentation values"
+    LABEL_CONVENTION = "label convention"
     UNKNOWN_LABEL = "unknown label"
     NO_LABEL_ROW = "no labels.csv row"
     NO_FOLDER = "no case folder"
@@ -138,8 +157,10 @@ class CaseRecord:
     """One usable case: its files and its labels (validated).
 
     ``images`` maps each *available* sequence (a subset of SEQUENCES) to its file; ``labels`` holds
-    one class index per TASKS entry, UNKNOWN_LABEL where labels.csv left it empty; ``legacy_et``
-    is True when the segmentation stores enhancing tumor as 4 (remapped to 3 on load).
+    one class index per TASKS entry, UNKNOWN_LABEL where labels.csv left it empty;
+    ``label_convention`` (a :data:`LABEL_CONVENTIONS` key) says how the segmentation's values map to
+    internal labels on load (declared by the site, or implied by the naming and checked against the
+    values; see the module docstring).
     """
 
     case_id: str
@@ -148,7 +169,7 @@ class CaseRecord:
     seg: Path | None
     labels: tuple[int, ...]
     naming: str
-    legacy_et: bool = False
+    label_convention: str | None = None
 
     @property
     def available(self) -> tuple[bool, ...]:
@@ -181,6 +202,11 @@ class SiteIndex:
     cases: list[CaseRecord]
     rejected: list[Rejection]
     ignored: list[Path] = field(default_factory=list)  # NIfTI files matching no expected name
+    #: The declared label convention (None: inferred per case from its naming) and who declared it.
+    label_convention: str | None = None
+    convention_source: str | None = None
+    #: Resection-cavity volume (mL) of each usable case whose segmentation has one (brats2024-post).
+    cavity_ml: dict[str, float] = field(default_factory=dict)
 
     def sequence_counts(self) -> dict[str, int]:
         """Number of usable cases having each sequence (SEQUENCES order)."""
@@ -218,9 +244,9 @@ class SiteIndex:
         """Usable cases with a segmentation."""
         return sum(c.seg is not None for c in self.cases)
 
-    def legacy_et_cases(self) -> list[str]:
-        """IDs of usable cases whose segmentation uses label 4 for enhancing tumor."""
-        return [c.case_id for c in self.cases if c.legacy_et]
+    def convention_counts(self) -> dict[str, int]:
+        """Usable cases with a segmentation per label convention they are read with."""
+        return _most_frequent_first(Counter(str(c.label_convention) for c in self.cases if c.seg is not None))
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable description (what ``fedglioma check-site --json`` prints)."""
@@ -235,7 +261,12 @@ class SiteIndex:
             "patterns": self.pattern_counts(),
             "labels": self.label_counts(),
             "segmentations": self.n_seg,
-            "legacy_et_remapped": self.legacy_et_cases(),
+            "label_convention": {
+                "declared": self.label_convention,
+                "source": self.convention_source,
+                "cases": self.convention_counts(),
+            },
+            "resection_cavity_ml": dict(self.cavity_ml),
             "naming": dict(Counter(c.naming for c in self.cases)),
             "rejected": [
                 {"case_id": r.case_id, "path": str(r.path), "category": str(r.category), "reason": r.reason, "fix": r.fix}
@@ -719,8 +750,8 @@ def _content_problem(key: str, path: Path, values: np.ndarray, as_float32: np.nd
             path,
             f"{path.name} has label values {shown} (found {', '.join(f'{v:g}' for v in values[:10].tolist())}"
             f"{' ...' if len(values) > 10 else ''}; allowed: {', '.join(map(str, sorted(ALLOWED_SEG_VALUES)))})",
-            "relabel to 0 background, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing tumor "
-            f"({LEGACY_ET} is accepted as legacy enhancing tumor)",
+            "relabel to one of the label conventions ("
+            + "; ".join(f"{name}: {text}" for name, text in LABEL_CONVENTION_TEXT.items()) + ")",
             Category.SEG_VALUES,
         )
     if as_float32.size and as_float32.min() == as_float32.max():
@@ -732,10 +763,26 @@ def _content_problem(key: str, path: Path, values: np.ndarray, as_float32: np.nd
     return None
 
 
+@dataclass(frozen=True)
+class SegContent:
+    """What a segmentation file holds: the number of voxels of each value and one voxel's volume."""
+
+    counts: Mapping[int, int]
+    voxel_ml: float
+
+    @property
+    def values(self) -> frozenset[int]:
+        return frozenset(self.counts)
+
+    def volume_ml(self, value: int) -> float:
+        """Volume (mL) of the voxels holding ``value``."""
+        return self.counts.get(value, 0) * self.voxel_ml
+
+
 def validate_case_files(
     images: Mapping[str, Path], seg: Path | None, *, deep: bool = True, max_voxels: int = MAX_VOXELS
-) -> tuple[list[Problem], bool]:
-    """Check the files of one case; returns (problems, uses_legacy_et_label).
+) -> tuple[list[Problem], SegContent | None]:
+    """Check the files of one case; returns (problems, what the segmentation holds).
 
     Header checks (always): readable NIfTI; declared size at most ``max_voxels`` voxels and held by
     the file (for ``.nii.gz`` only when ``deep``); 3-D; positive voxel sizes; a finite invertible
@@ -743,7 +790,9 @@ def validate_case_files(
     :data:`AFFINE_ATOL`). Voxel checks (``deep``; each file is read exactly once, one at a time):
     finite once scaled and converted to float32 as training loads it; images not constant and with
     a mean/standard deviation that z-scoring can use; segmentation values within
-    ALLOWED_SEG_VALUES.
+    ALLOWED_SEG_VALUES. The :class:`SegContent` is None without ``deep``, without a segmentation or
+    when the segmentation has a problem; whether its values fit a label convention is
+    :func:`case_label_convention`'s question.
     """
     problems: list[Problem] = []
     headers: dict[str, Any] = {}
@@ -783,9 +832,9 @@ def validate_case_files(
                     _regrid_fix(path, ref_path), Category.AFFINE_MISMATCH,
                 ))
 
-    legacy = False
+    content: SegContent | None = None
     if not deep:
-        return problems, legacy
+        return problems, content
     for key, img in headers.items():
         path = files[key]
         try:
@@ -797,12 +846,124 @@ def validate_case_files(
             as_float32 = np.asarray(data, dtype=np.float32)  # what MONAI's LoadImaged hands to training
         problem = _values_problem(key, path, img, data, as_float32)
         if problem is None:
-            values = np.unique(as_float32) if key == SEG_KEY else as_float32
-            problem = _content_problem(key, path, values, as_float32)
-            legacy = legacy or (key == SEG_KEY and LEGACY_ET in values)
+            if key == SEG_KEY:
+                values, counts = np.unique(as_float32, return_counts=True)
+                problem = _content_problem(key, path, values, as_float32)
+                if problem is None:
+                    voxel_ml = abs(float(np.linalg.det(np.asarray(img.affine)[:3, :3]))) / 1000.0
+                    content = SegContent({int(v): int(n) for v, n in zip(values.tolist(), counts.tolist())}, voxel_ml)
+            else:
+                problem = _content_problem(key, path, as_float32, as_float32)
         if problem is not None:
             problems.append(problem)
-    return problems, legacy
+    return problems, content
+
+
+# --------------------------------------------------------------------------------- label conventions
+def _declare_fix(root: Path, *conventions: str) -> str:
+    options = " or ".join(f'"{c}" ({LABEL_CONVENTION_TEXT[c]})' for c in conventions)
+    return (f'declare the site\'s label convention: write {{"label_convention": ...}} with {options} into '
+            f"{root / SITE_JSON}, or pass it as --label-convention to check-site and as label-convention in the "
+            "SuperNode's node config")
+
+
+def case_label_convention(
+    root: Path, seg: Path, naming: str, content: SegContent | None, declared: str | None, source: str | None
+) -> tuple[str, Problem | None]:
+    """The convention a case's segmentation is read with, and the problem when its values do not fit.
+
+    ``declared`` (with the ``source`` that declared it) wins; otherwise the naming implies one
+    (:data:`NAMING_CONVENTION`). ``content`` None (a shallow scan) checks nothing.
+    """
+    convention = declared or NAMING_CONVENTION[naming]
+    if content is None:
+        return convention, None
+    outside = sorted(content.values - set(LABEL_CONVENTIONS[convention]))
+    if not outside:
+        return convention, None
+    shown = ", ".join(map(str, outside))
+    if declared is not None:
+        fitting = [c for c, table in LABEL_CONVENTIONS.items() if content.values <= set(table)]
+        return convention, Problem(
+            seg, f"{seg.name} has label value(s) {shown}, which the declared label convention {declared} "
+            f"({source}; {LABEL_CONVENTION_TEXT[declared]}) does not use",
+            f"check which convention the site's segmentations follow"
+            + (f" (these values fit {' or '.join(fitting)})" if fitting else "")
+            + f" and declare it in {source}, or relabel {seg.name}",
+            Category.LABEL_CONVENTION,
+        )
+    if convention == "brats2023" and RESECTION_CAVITY in outside:
+        voxels = content.counts[RESECTION_CAVITY]
+        return convention, Problem(
+            seg, f"{seg.name} uses label {RESECTION_CAVITY} ({voxels} voxels, "
+            f"{content.volume_ml(RESECTION_CAVITY):.3g} mL) and the site declares no label convention: with BraTS "
+            f"2023+ file names a {RESECTION_CAVITY} is enhancing tumor only in relabelled BraTS 2021 data and the "
+            "resection cavity in BraTS 2024 post-treatment data (outside the tumor), so it is not guessed",
+            _declare_fix(root, "brats2024-post", "brats2021"), Category.LABEL_CONVENTION,
+        )
+    return convention, Problem(
+        seg, f"{seg.name} has label value(s) {shown}, which its {naming} file names' convention "
+        f"({LABEL_CONVENTION_TEXT[convention]}) does not use, and the site declares no label convention",
+        _declare_fix(root, *(c for c, table in LABEL_CONVENTIONS.items() if content.values <= set(table))),
+        Category.LABEL_CONVENTION,
+    )
+
+
+def read_site_json(root: Path) -> str | None:
+    """The label convention ``root/site.json`` declares (None without the file or the key).
+
+    Raises:
+        SiteDeclarationError: the file is not a JSON object, has an unknown key, or names an unknown
+            convention.
+    """
+    path = root / SITE_JSON
+    if not path.exists():
+        return None
+    example = '{"label_convention": "brats2024-post"}'
+    try:
+        declared = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SiteDeclarationError(f"{path} cannot be read as JSON ({exc}). Fix: write a JSON object such as "
+                                   f"{example}, or delete the file") from exc
+    if not isinstance(declared, dict):
+        raise SiteDeclarationError(f"{path} holds {type(declared).__name__}, not a JSON object. Fix: write {example}")
+    unknown = sorted(set(declared) - {"label_convention"})
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], ["label_convention"], n=1)
+        raise SiteDeclarationError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}"
+                                   + (f" (did you mean {close[0]!r}?)" if close else "")
+                                   + f". Fix: the file may hold only label_convention, e.g. {example}")
+    value = declared.get("label_convention")
+    return None if value is None else check_label_convention(value, str(path))
+
+
+def check_label_convention(value: Any, source: str) -> str:
+    """``value`` if it names a :data:`LABEL_CONVENTIONS` entry; otherwise a
+    :class:`SiteDeclarationError` naming ``source``, the value and the choices."""
+    if isinstance(value, str) and value.strip().lower() in LABEL_CONVENTIONS:
+        return value.strip().lower()
+    text = str(value).strip().lower()
+    close = [c for c in LABEL_CONVENTIONS if c.startswith(text) and text] or difflib.get_close_matches(
+        text, list(LABEL_CONVENTIONS), n=1)
+    raise SiteDeclarationError(
+        f"{source}: unknown label convention {value!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        + ". Fix: use one of " + "; ".join(f"{c} ({t})" for c, t in LABEL_CONVENTION_TEXT.items())
+    )
+
+
+def declared_label_convention(root: Path, label_convention: str | None) -> tuple[str | None, str | None]:
+    """(convention, where it was declared) from the caller's ``label_convention`` and ``site.json``;
+    (None, None) when neither declares one. The two must agree when both are given."""
+    from_file = read_site_json(root)
+    if label_convention is None:
+        return from_file, (str(root / SITE_JSON) if from_file else None)
+    given = check_label_convention(label_convention, "label-convention")
+    if from_file is not None and from_file != given:
+        raise SiteDeclarationError(
+            f"{root / SITE_JSON} declares the label convention {from_file} but label-convention (node config or "
+            f"--label-convention) says {given}. Fix: keep one declaration, or make them agree"
+        )
+    return given, "label-convention" + (f" and {root / SITE_JSON}" if from_file else "")
 
 
 # --------------------------------------------------------------------------------- the site
@@ -817,7 +978,8 @@ def _rejection(case_id: str, problems: Sequence[Problem]) -> Rejection:
 
 
 def scan_site(
-    root: Path | str, *, deep: bool = True, allow_external_links: bool = False, max_voxels: int = MAX_VOXELS
+    root: Path | str, *, deep: bool = True, allow_external_links: bool = False, max_voxels: int = MAX_VOXELS,
+    label_convention: str | None = None,
 ) -> SiteIndex:
     """Discover and validate every case of a site folder.
 
@@ -830,6 +992,10 @@ def scan_site(
             ``root``. Off by default: such a link can pull another center's cases (the held-out
             one) into this site's training.
         max_voxels: largest number of voxels a file's header may declare (:data:`MAX_VOXELS`).
+        label_convention: the segmentation label convention (:data:`LABEL_CONVENTIONS`) as the caller
+            declares it (node config ``label-convention``, ``--label-convention``); it must agree with
+            ``site.json`` when that declares one too. None: ``site.json``'s, else inferred per case
+            (:func:`case_label_convention`).
 
     Returns:
         The :class:`SiteIndex`: usable cases sorted by case_id, and a rejection for every folder or
@@ -839,6 +1005,7 @@ def scan_site(
     Raises:
         SiteNotFoundError: ``root`` is not a folder.
         LabelsCsvError: labels.csv is missing or structurally broken.
+        SiteDeclarationError: site.json is broken, or the declarations disagree.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -848,8 +1015,10 @@ def scan_site(
         )
     root = root.resolve()
     csv_path = root / LABELS_CSV
+    declared, source = declared_label_convention(root, label_convention)
     rows = read_labels_csv(csv_path)
-    index = SiteIndex(root=root, name=root.name, cases=[], rejected=[])
+    index = SiteIndex(root=root, name=root.name, cases=[], rejected=[], label_convention=declared,
+                      convention_source=source)
     index.ignored = sorted(p for p in root.iterdir() if p.is_file() and _is_nifti(p.name))
 
     folders = _case_folders(root)
@@ -870,18 +1039,23 @@ def scan_site(
         else:
             problems += [Problem(csv_path, p, f"correct {LABELS_CSV} line {row.line} or leave the value empty "
                                  "to mark the label unknown", Category.UNKNOWN_LABEL) for p in row.problems]
-        legacy = False
+        content, convention = None, declared
         if found.images and not external:  # data from outside the site is not read
-            file_problems, legacy = validate_case_files(found.images, found.seg, deep=deep, max_voxels=max_voxels)
+            file_problems, content = validate_case_files(found.images, found.seg, deep=deep, max_voxels=max_voxels)
             problems += file_problems
+            if found.seg is not None and not file_problems:
+                convention, problem = case_label_convention(root, found.seg, found.naming, content, declared, source)
+                problems += [problem] if problem is not None else []
         if problems:
             index.rejected.append(_rejection(case_id, problems))
             continue
         assert row is not None
         index.cases.append(CaseRecord(
             case_id=case_id, folder=folder, images=found.images, seg=found.seg,
-            labels=row.labels, naming=found.naming, legacy_et=legacy,
+            labels=row.labels, naming=found.naming, label_convention=convention or NAMING_CONVENTION[found.naming],
         ))
+        if content is not None and convention == "brats2024-post" and RESECTION_CAVITY in content.values:
+            index.cavity_ml[case_id] = round(content.volume_ml(RESECTION_CAVITY), 3)
 
     folder_names = {f.name for f in folders}
     for case_id, row in rows.items():
@@ -906,7 +1080,8 @@ def scan_site(
 
 
 def load_site(
-    root: Path | str, *, allow_external_links: bool = False, max_voxels: int = MAX_VOXELS
+    root: Path | str, *, allow_external_links: bool = False, max_voxels: int = MAX_VOXELS,
+    label_convention: str | None = None,
 ) -> SiteIndex:
     """:func:`scan_site` (deep) for training/evaluation.
 
@@ -914,7 +1089,8 @@ def load_site(
         NoUsableCaseError: no case is usable. Its text holds counts per category only (it may
             leave the site); its ``detail`` names the site folder and every rejected case.
     """
-    index = scan_site(root, deep=True, allow_external_links=allow_external_links, max_voxels=max_voxels)
+    index = scan_site(root, deep=True, allow_external_links=allow_external_links, max_voxels=max_voxels,
+                      label_convention=label_convention)
     if index.cases:
         return index
     what = index.rejection_summary() if index.rejected else "the site folder holds no case folder"

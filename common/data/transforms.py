@@ -2,20 +2,22 @@
 
 Input dict (built by :mod:`common.data.dataset` from a :class:`common.data.site.CaseRecord`): one key per
 *available* sequence (``"t1"``, ``"t1ce"``, ``"t2"``, ``"flair"``) and optionally ``"seg"``, each a
-NIfTI path, plus ``"labels"`` (len(TASKS),) and ``"index"``.
+NIfTI path, plus ``"labels"`` (len(TASKS),) and ``"index"``; with ``"seg"`` also
+``"label_convention"`` (a :data:`common.contract.LABEL_CONVENTIONS` key).
 
 Output dict (exactly these keys):
 
 * ``image``     float32 (4, S, S, S), channels in SEQUENCES order, missing sequences all zeros,
   z-scored over the non-zero (brain) voxels of each channel
 * ``available`` bool (4,)
-* ``seg``       int64 (1, S, S, S), values in {0, 1, 2, 3} (legacy 4 -> 3); zeros when absent
+* ``seg``       int64 (1, S, S, S), values in {0, 1, 2, 3} (file values mapped by the case's label
+  convention: brats2021 4 -> 3, brats2024-post resection cavity 4 -> 0); zeros when absent
 * ``has_seg``   bool ()
 * ``labels``    int64 (len(TASKS),), UNKNOWN_LABEL where unknown
 * ``spacing``   float32 (3,), voxel size in mm of the S^3 network grid (for HD95 in mm)
 * ``index``     int64 ()
 
-Pipeline: load (nibabel) -> channel first -> stack into 4 channels -> 4 -> 3 -> RAS -> crop to the
+Pipeline: load (nibabel) -> channel first -> stack into 4 channels -> label convention -> RAS -> crop to the
 union foreground of the available sequences -> resize the longest side to S keeping the aspect
 ratio (images trilinear with anti-aliasing, the label map nearest) -> pad to S^3 -> z-score ->
 [train: left-right flip, intensity scale/shift] -> record spacing -> types.
@@ -36,7 +38,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
-    MapLabelValued,
+    MapLabelValue,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
@@ -48,11 +50,13 @@ from monai.transforms import (
     SelectItemsd,
 )
 
-from common.contract import ET, LEGACY_ET, SEQUENCES
+from common.contract import LABEL_CONVENTIONS, SEQUENCES
 
 IMAGE, SEG, AVAILABLE, HAS_SEG, LABELS, SPACING, INDEX = (
     "image", "seg", "available", "has_seg", "labels", "spacing", "index",
 )
+#: Input key naming the case's segmentation label convention (consumed by :class:`MapSegLabelsd`).
+LABEL_CONVENTION = "label_convention"
 #: The keys of every item and batch, in a fixed order.
 ITEM_KEYS: tuple[str, ...] = (IMAGE, AVAILABLE, SEG, HAS_SEG, LABELS, SPACING, INDEX)
 
@@ -101,6 +105,38 @@ class StackSequencesd(MapTransform):
         return d
 
 
+class MapSegLabelsd(MapTransform):
+    """Map a segmentation's file values to internal labels with the case's label convention.
+
+    Reads (and removes) ``label_convention``; a case with a segmentation must name one (the site
+    scan decides it, :func:`common.data.site.case_label_convention`). Written here because MONAI's
+    MapLabelValued applies one fixed table, while pooled cases of several sites may follow
+    different conventions; the mapping itself is MONAI's MapLabelValue.
+    """
+
+    def __init__(self, seg_key: str = SEG, convention_key: str = LABEL_CONVENTION) -> None:
+        super().__init__(keys=seg_key)
+        self.seg_key = seg_key
+        self.convention_key = convention_key
+        self.maps = {
+            name: MapLabelValue(orig_labels=list(table), target_labels=list(table.values()))
+            for name, table in LABEL_CONVENTIONS.items()
+        }
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        convention = d.pop(self.convention_key, None)
+        if not bool(d[HAS_SEG]):
+            return d
+        if convention not in self.maps:
+            raise ValueError(
+                f"a case with a segmentation needs {self.convention_key!r} set to one of {sorted(self.maps)}, "
+                f"got {convention!r}: build items with common.data.dataset.case_item from a scanned CaseRecord"
+            )
+        d[self.seg_key] = self.maps[convention](d[self.seg_key])
+        return d
+
+
 class RecordSpacingd(MapTransform):
     """Store the voxel spacing (mm) of ``image``'s current grid as ``spacing`` float32 (3,).
 
@@ -140,7 +176,7 @@ def build_transforms(size: int, train: bool) -> Compose:
         LoadImaged(keys=files, reader=NibabelReader, image_only=True, allow_missing_keys=True),
         EnsureChannelFirstd(keys=files, channel_dim="no_channel", allow_missing_keys=True),
         StackSequencesd(),
-        MapLabelValued(keys=SEG, orig_labels=[LEGACY_ET], target_labels=[ET]),
+        MapSegLabelsd(),
         Orientationd(keys=spatial, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         CropForegroundd(keys=spatial, source_key=IMAGE, select_fn=nonzero, allow_smaller=True,
                         start_coord_key=None, end_coord_key=None),

@@ -24,6 +24,7 @@ from common.data.site import (
     LabelsCsvError,
     NoUsableCaseError,
     Rejection,
+    SiteDeclarationError,
     SiteNotFoundError,
     load_site,
     parse_label,
@@ -57,7 +58,7 @@ def test_valid_site_both_namings_extensions_and_labels(site_dir: Path) -> None:
     assert by_id["case-004"].labels == (0, UNKNOWN_LABEL, 1, 1)
     assert by_id["case-005"].labels == (UNKNOWN_LABEL,) * len(TASKS)
     assert by_id["case-006"].labels == (1, 1, 0, 1)
-    assert index.legacy_et_cases() == ["case-002"]
+    assert index.convention_counts() == {"brats2021": 3, "brats2023": 3} and index.label_convention is None
     assert index.sequence_counts() == {"t1": 5, "t1ce": 5, "t2": 6, "flair": 7}
     assert index.pattern_counts()["t1+t1ce+t2+flair"] == 4 and index.n_seg == 6
     assert index.label_counts()["idh"] == {"wildtype": 3, "mutant": 3, "unknown": 1}
@@ -165,8 +166,8 @@ def _no_image(site: Path) -> None:
          "share one shape and affine", Category.AFFINE_MISMATCH),
         (_nan, "bad_t1.nii.gz", ["bad_t1.nii.gz has 2 non-finite (NaN/inf) voxels"], "replace its NaN/inf",
          Category.NON_FINITE),
-        (_seg_values, "bad_seg.nii.gz", ["bad_seg.nii.gz has label values 5, 7", "found 0, 1, 2, 3, 5, 7"],
-         "relabel to 0 background", Category.SEG_VALUES),
+        (_seg_values, "bad_seg.nii.gz", ["bad_seg.nii.gz has label values 5, 7", "found 0, 1, 2, 4, 5, 7"],
+         "relabel to one of the label conventions", Category.SEG_VALUES),
         (_mixed_naming, "bad", ["mixes the two naming conventions", "bad_t1.nii.gz (brats2021)",
                                 "bad-t2w.nii.gz (brats2023)"], "rename every file", Category.FILE_NAMING),
         (_two_extensions, "bad_t1.nii.gz", ["two files for t1: bad_t1.nii.gz, bad_t1.nii"], "keep only one",
@@ -188,14 +189,121 @@ def test_broken_case_is_rejected_with_file_reason_and_fix(
     assert fix_part in rejection.fix
 
 
-def test_label_4_is_accepted_and_recorded(tmp_path: Path) -> None:
+# ------------------------------------------------------------------------------------ label conventions
+def _cavity_site(tmp_path: Path, naming: str = "brats2023") -> Path:
+    """Two cases named ``naming``: "tumor" (ET = 3) and "post-op" (ET = 3 plus a cavity of 8 voxels of 4)."""
+    site = tmp_path / "site-p"
+    write_case(site, "tumor", naming=naming, et_label=3)
+    write_case(site, "post-op", naming=naming, et_label=3)
+
+    def cavity(data, affine):
+        data[1:3, 1:3, 1:3] = 4  # 8 voxels of 1 mm^3
+        return data, affine
+
+    _rewrite(case_path(site, "post-op", "seg", naming), cavity)
+    write_labels_csv(site, [("tumor", *ROW), ("post-op", *ROW)])
+    return site
+
+
+def test_undeclared_convention_follows_each_case_naming(tmp_path: Path) -> None:
     site = tmp_path / "s"
-    write_case(site, "legacy", et_label=4)
-    write_case(site, "modern", et_label=3)
-    write_labels_csv(site, [("legacy", *ROW), ("modern", *ROW)])
+    write_case(site, "old", naming="brats2021")  # ET written as 4
+    write_case(site, "new", naming="brats2023")  # ET written as 3
+    write_labels_csv(site, [("old", *ROW), ("new", *ROW)])
+
     index = scan_site(site)
-    assert [c.case_id for c in index.cases] == ["legacy", "modern"]
-    assert [c.legacy_et for c in index.cases] == [True, False]
+
+    assert {c.case_id: c.label_convention for c in index.cases} == {"new": "brats2023", "old": "brats2021"}
+    assert index.label_convention is None and index.convention_source is None and index.cavity_ml == {}
+
+
+def test_label_4_in_brats2023_names_without_declaration_is_rejected_not_taken_for_tumor(tmp_path: Path) -> None:
+    site = _cavity_site(tmp_path)
+
+    index = scan_site(site)
+
+    assert [c.case_id for c in index.cases] == ["tumor"]
+    (rejection,) = index.rejected
+    assert rejection.case_id == "post-op" and rejection.category == Category.LABEL_CONVENTION
+    assert "post-op-seg.nii.gz uses label 4 (8 voxels, 0.008 mL)" in rejection.reason
+    assert "brats2024-post" in rejection.fix and "brats2021" in rejection.fix and "site.json" in rejection.fix
+
+
+@pytest.mark.parametrize("declare", ["site.json", "argument"])
+def test_brats2024_post_maps_the_cavity_to_background_and_measures_it(tmp_path: Path, declare: str) -> None:
+    site = _cavity_site(tmp_path)
+    if declare == "site.json":
+        (site / "site.json").write_text('{"label_convention": "brats2024-post"}')
+    index = scan_site(site, label_convention="brats2024-post" if declare == "argument" else None)
+
+    assert index.rejected == [] and [c.label_convention for c in index.cases] == ["brats2024-post"] * 2
+    assert index.label_convention == "brats2024-post"
+    assert index.convention_source == (str(site.resolve() / "site.json") if declare == "site.json" else "label-convention")
+    assert index.cavity_ml == {"post-op": 0.008}
+
+
+def test_declared_brats2021_reads_4_as_enhancing_tumor_in_brats2023_names(tmp_path: Path) -> None:
+    site = tmp_path / "s"
+    write_case(site, "c1", naming="brats2023", et_label=4)
+    write_labels_csv(site, [("c1", *ROW)])
+    assert scan_site(site).cases == []  # undeclared: rejected
+    (case,) = scan_site(site, label_convention="brats2021").cases
+    assert case.label_convention == "brats2021"
+
+
+@pytest.mark.parametrize(
+    ("naming", "et_label", "declared", "reason", "fix"),
+    [
+        ("brats2021", 3, None, "which its brats2021 file names' convention", '"brats2023"'),
+        ("brats2023", 3, "brats2021", "which the declared label convention brats2021", "fit brats2023 or brats2024-post"),
+        ("brats2021", 4, "brats2023", "label value(s) 4, which the declared label convention brats2023",
+         "fit brats2021 or brats2024-post"),
+    ],
+    ids=["3-in-2021-names", "3-declared-2021", "4-declared-2023"],
+)
+def test_values_contradicting_the_convention_reject_the_case(
+    tmp_path: Path, naming: str, et_label: int, declared: str | None, reason: str, fix: str
+) -> None:
+    site = tmp_path / "s"
+    write_case(site, "c1", naming=naming, et_label=et_label)
+    write_labels_csv(site, [("c1", *ROW)])
+
+    index = scan_site(site, label_convention=declared)
+
+    (rejection,) = index.rejected
+    assert rejection.category == Category.LABEL_CONVENTION and reason in rejection.reason and fix in rejection.fix
+
+
+@pytest.mark.parametrize(
+    ("content", "argument", "message"),
+    [
+        ('{"label_convention": "brats2024"}', None, "unknown label convention 'brats2024' (did you mean 'brats2024-post'?)"),
+        ('{"label_conventions": "brats2021"}', None, "did you mean 'label_convention'?"),
+        ("[1]", None, "not a JSON object"),
+        ("{", None, "cannot be read as JSON"),
+        ('{"label_convention": "brats2021"}', "brats2024-post", "declares the label convention brats2021 but"),
+        (None, "brats2022", "unknown label convention 'brats2022'"),
+    ],
+    ids=["unknown-value", "unknown-key", "not-object", "bad-json", "disagree", "bad-argument"],
+)
+def test_bad_declarations_raise_naming_the_file_and_fix(
+    tmp_path: Path, content: str | None, argument: str | None, message: str
+) -> None:
+    site = tmp_path / "s"
+    write_case(site, "c1")
+    write_labels_csv(site, [("c1", *ROW)])
+    if content is not None:
+        (site / "site.json").write_text(content)
+    with pytest.raises(SiteDeclarationError, match="Fix:") as info:
+        scan_site(site, label_convention=argument)
+    assert message in str(info.value)
+
+
+def test_shallow_scan_reads_no_values_and_takes_the_declared_convention(tmp_path: Path) -> None:
+    site = _cavity_site(tmp_path)
+    assert len(scan_site(site, deep=False).cases) == 2  # values unread: nothing to contradict
+    index = scan_site(site, deep=False, label_convention="brats2024-post")
+    assert {c.label_convention for c in index.cases} == {"brats2024-post"} and index.cavity_ml == {}
 
 
 def test_csv_row_problems_reject_only_that_case(tmp_path: Path) -> None:

@@ -6,10 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from client import check_site as site_check
-from tests.helpers import SITE_CASES, case_path, write_case, write_labels_csv
+from tests.helpers import SITE_CASES, case_path, write_case, write_labels_csv, write_nifti
 
 ROW = ("wildtype", "intact", "HGG", "methylated")
 
@@ -34,12 +36,14 @@ def test_good_site_reports_counts(site_dir: Path, capsys: pytest.CaptureFixture[
     assert site["patterns"] == {"t1+t1ce+t2+flair": 4, "t1+t2+flair": 1, "t2+flair": 1}
     assert site["labels"]["grade"] == {"LGG": 3, "HGG": 2, "unknown": 1}
     assert site["labels"]["1p19q"] == {"intact": 2, "codeleted": 2, "unknown": 2}
-    assert site["segmentations"] == 5 and site["legacy_et_remapped"] == ["case-002"]
+    assert site["segmentations"] == 5 and site["resection_cavity_ml"] == {}
+    assert site["label_convention"] == {"declared": None, "source": None, "cases": {"brats2021": 3, "brats2023": 2}}
     assert site["naming"] == {"brats2021": 3, "brats2023": 3} and site["complete"] == 4
 
     assert check(site_dir) == 0
     text = capsys.readouterr().out
-    assert "usable cases: 6 of 6" in text and "remapped to 3 on load: case-002" in text
+    assert "usable cases: 6 of 6" in text and "label convention: not declared" in text
+    assert "brats2021: 3 segmentation(s) (BraTS 2020/2021: 1 necrotic core, 2 edema, 4 enhancing tumor)" in text
     assert "t2+flair" in text and "unknown 1" in text
 
 
@@ -131,3 +135,57 @@ def test_links_out_of_the_site_need_the_flag(site_dir: Path, tmp_path: Path, cap
 
     code, out = json_report(capsys, site_dir, "--allow-external-links")
     assert code == 0 and out["sites"][0]["usable"] == 7 and out["sites"][0]["rejected"] == []
+
+
+def _post_treatment_site(tmp_path: Path) -> Path:
+    """One BraTS 2024 post-treatment case (BraTS 2023+ names): ET = 3 and a 27-voxel resection cavity (4)
+    of 2 mm voxels (8 uL each)."""
+    site = tmp_path / "site-post"
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    write_case(site, "p1", naming="brats2023", affine=affine)
+    seg_path = case_path(site, "p1", "seg", "brats2023")
+    seg = np.asarray(nib.load(seg_path).dataobj).copy()
+    seg[0:3, 0:3, 0:3] = 4
+    write_nifti(seg_path, seg, affine)
+    write_labels_csv(site, [("p1", *ROW)])
+    return site
+
+
+def test_label_4_in_brats2023_names_asks_the_site_to_declare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = _post_treatment_site(tmp_path)
+
+    code, out = json_report(capsys, site)
+
+    assert code == 1
+    (rejection,) = out["sites"][0]["rejected"]
+    assert rejection["category"] == "label convention" and "uses label 4 (27 voxels, 0.216 mL)" in rejection["reason"]
+    assert '"brats2024-post"' in rejection["fix"] and '"brats2021"' in rejection["fix"]
+
+
+@pytest.mark.parametrize("declare", ["flag", "site.json"])
+def test_declared_post_treatment_convention_is_shown_with_cavity_volumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], declare: str
+) -> None:
+    site = _post_treatment_site(tmp_path)
+    flags = ["--label-convention", "brats2024-post"] if declare == "flag" else []
+    if declare == "site.json":
+        (site / "site.json").write_text('{"label_convention": "brats2024-post"}')
+
+    code, out = json_report(capsys, site, *flags)
+
+    assert code == 0
+    (report,) = out["sites"]
+    assert report["label_convention"]["declared"] == "brats2024-post"
+    assert report["resection_cavity_ml"] == {"p1": 0.216}
+    assert check(site, *flags) == 0
+    text = capsys.readouterr().out
+    assert "label convention: brats2024-post (declared by " in text and "4 resection cavity" in text
+    assert "resection cavity (label 4, background for WT/TC/ET): 1 case(s), 0.216 mL in all" in text
+    assert "p1: 0.216 mL" in text
+
+
+def test_contradicting_declarations_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = _post_treatment_site(tmp_path)
+    (site / "site.json").write_text('{"label_convention": "brats2021"}')
+    code, out = json_report(capsys, site, "--label-convention", "brats2024-post")
+    assert code == 1 and "declares the label convention brats2021 but" in out["sites"][0]["error"]

@@ -67,6 +67,30 @@ def test_label_4_becomes_3_and_seg_is_resampled_nearest(tmp_path: Path, size: in
     assert sorted(out["seg"].unique().tolist()) == [0, 3]
 
 
+def test_resection_cavity_becomes_background_under_brats2024_post(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    write_case(site, "c1", naming="brats2023")
+    seg_file = case_path(site, "c1", "seg", "brats2023")
+    labels = np.asarray(nib.load(seg_file).dataobj).copy()
+    labels[labels == 2] = 4  # edema relabelled as a cavity: it must vanish from every region
+    write_nifti(seg_file, labels)
+    write_labels_csv(site, [("c1", *ROW)])
+    (case,) = scan_site(site, label_convention="brats2024-post").cases
+
+    out = _transform(case, size=16)
+
+    assert sorted(out["seg"].unique().tolist()) == [0, 1, 3]
+
+
+def test_a_seg_without_label_convention_is_refused(tmp_path: Path) -> None:
+    case = _one_case(tmp_path)
+    item = case_item(case, 0)
+    del item["label_convention"]
+    with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps the transform's ValueError
+        build_transforms(16, train=False)(item)
+    assert "needs 'label_convention'" in str(info.value.__cause__)
+
+
 def test_image_and_seg_stay_aligned_through_orientation_and_augmentation(tmp_path: Path) -> None:
     # LPS-oriented input (x and y flipped): Orientationd("RAS") must flip image and seg together,
     # and so must every random flip.
@@ -207,7 +231,7 @@ def test_training_flips_only_left_right(tmp_path: Path) -> None:
     sides = set()
     for seed in range(16):
         pipeline.set_random_state(seed=seed)
-        out = pipeline({**files, "labels": np.zeros(len(TASKS), np.int64), "index": 0})
+        out = pipeline({**files, "label_convention": "brats2023", "labels": np.zeros(len(TASKS), np.int64), "index": 0})
         centroid = np.argwhere(out["seg"][0].numpy() > 0).mean(0) - (n - 1) / 2
         assert centroid[1] > 0 and centroid[2] > 0, centroid  # still anterior and superior
         sides.add(bool(centroid[0] > 0))
