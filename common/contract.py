@@ -89,10 +89,12 @@ LABELS_CSV = "labels.csv"
 LABELS_CSV_COLUMNS: tuple[str, ...] = ("case_id",) + tuple(TASK_COLUMNS[t] for t in TASKS)
 LABELS_CSV_OPTIONAL: tuple[str, ...] = ("survival_days", "event")
 
-#: Metric keys (DESIGN.md section 7).
+#: Metric keys (DESIGN.md section 7). Segmentation: per region, Dice and HD95 over the whole
+#: region, then the BraTS 2023+ lesion-wise Dice and HD95 (:mod:`common.evaluation.lesions`).
+LESION_METRIC_KEYS: tuple[str, ...] = tuple(f"lesion_{m}_{r}" for m in ("dice", "hd95") for r in REGIONS)
 SEG_METRIC_KEYS: tuple[str, ...] = tuple(
     f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS
-)
+) + LESION_METRIC_KEYS
 #: ``bacc``: balanced accuracy; ``logit_mean``/``logit_std``: mean and spread of the logit difference
 #: z = logit_1 - logit_0 over the labeled cases (a collapsed head has a small spread).
 CLS_METRIC_NAMES: tuple[str, ...] = ("auc", "acc", "bacc", "sen", "spe", "f1", "ece", "logit_mean", "logit_std", "n")

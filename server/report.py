@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.contract import SEQUENCES, TASKS
+from common.contract import LESION_METRIC_KEYS, SEQUENCES, TASKS
 from common.io import atomic_write
 from server.run_folder import RunFolderError, read_metrics
 
@@ -23,6 +23,7 @@ HELDOUT_PLOTS: dict[str, tuple[str, ...]] = {
     "heldout_dice": ("dice_wt", "dice_tc", "dice_et"),
     "heldout_auc": tuple(f"auc_{t}" for t in TASKS),
     "heldout_hd95": ("hd95_wt", "hd95_tc", "hd95_et"),
+    "heldout_lesion_dice": ("lesion_dice_wt", "lesion_dice_tc", "lesion_dice_et"),
 }
 FINAL_TABLE_KEYS: tuple[str, ...] = (
     "dice_wt", "dice_tc", "dice_et", "hd95_wt",
@@ -121,6 +122,12 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
     headers = ["round", "stage", *FINAL_TABLE_KEYS]
     rows = [[str(r["round"]), str(r.get("stage", "")), *(_fmt(r["heldout"].get(k)) for k in FINAL_TABLE_KEYS)] for r in rounds]
     parts.append(_table(headers, rows))
+
+    # BraTS 2023+ ranking metrics: a missed satellite lesion or a false blob costs a whole lesion
+    if any(k in r["heldout"] for r in rounds for k in LESION_METRIC_KEYS):
+        parts.append("<h2>Lesion-wise Dice and HD95 (BraTS 2023+) on the held-out center, every round</h2>")
+        rows = [[str(r["round"]), *(_fmt(r["heldout"].get(k)) for k in LESION_METRIC_KEYS)] for r in rounds]
+        parts.append(_table(["round", *LESION_METRIC_KEYS], rows))
 
     # Diagnosis of the molecular heads per round: a head that predicts one class has a small logit
     # spread and a balanced accuracy of 0.5; calibration (temperature, threshold) comes from the

@@ -2,7 +2,8 @@
 
 * Segmentation (per case, per BraTS region WT/TC/ET): Dice and the 95th-percentile Hausdorff
   distance in millimetres, computed with MONAI on the case's own voxel spacing, with the BraTS
-  rules for empty regions (see :func:`segmentation_scores`).
+  rules for empty regions (see :func:`segmentation_scores`); and the BraTS 2023+ lesion-wise Dice
+  and HD95 (:func:`lesion_wise_scores`, :mod:`common.evaluation.lesions`).
 * Classification (per molecular task, positive class = index 1 of ``TASK_CLASSES[task]``): AUC,
   accuracy, sensitivity, specificity, F1 (scikit-learn) and the expected calibration error.
 * :class:`MetricAccumulator` collects batches and returns exactly the scalar keys of
@@ -29,6 +30,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, r
 
 from common.contract import (
     CLS_METRIC_NAMES,
+    LESION_METRIC_KEYS,
     METRIC_KEYS,
     REGIONS,
     SEG_METRIC_KEYS,
@@ -36,6 +38,7 @@ from common.contract import (
     UNKNOWN_LABEL,
 )
 from common.evaluation.calibration import statistics_metrics, task_statistics
+from common.evaluation.lesions import lesion_scores
 
 #: HD95 (mm) assigned when exactly one of prediction / reference is empty for a region: the
 #: BraTS challenge penalty (the diagonal of the 240x240x155 1 mm BraTS volume, 373.13 mm).
@@ -121,6 +124,31 @@ def segmentation_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: torch.Te
     for i, region in enumerate(REGIONS):
         out[f"dice_{region}"] = dice[:, i]
         out[f"hd95_{region}"] = hd95[:, i]
+    return out
+
+
+def lesion_wise_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-case BraTS 2023+ lesion-wise Dice and HD95 (mm) for WT, TC, ET
+    (:func:`common.evaluation.lesions.lesion_scores`, BraTS-GLI parameters).
+
+    Args:
+        pred, ref: (B, 1, D, H, W) integer predicted / reference labels.
+        spacing: (B, 3) voxel size in mm.
+
+    Returns:
+        ``{"lesion_dice_wt", ..., "lesion_hd95_et"}`` (:data:`LESION_METRIC_KEYS`), each float64 (B,).
+    """
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and reference {tuple(ref.shape)} differ in shape")
+    p = region_masks(pred.cpu()).numpy()
+    r = region_masks(ref.cpu()).numpy()
+    spacing_np = torch.as_tensor(spacing, dtype=torch.float64).cpu().numpy()
+    out = {key: torch.zeros(pred.shape[0], dtype=torch.float64) for key in LESION_METRIC_KEYS}
+    for b in range(pred.shape[0]):
+        for i, region in enumerate(REGIONS):
+            scores = lesion_scores(p[b, i], r[b, i], spacing_np[b])
+            out[f"lesion_dice_{region}"][b] = scores.dice
+            out[f"lesion_hd95_{region}"][b] = scores.hd95
     return out
 
 
@@ -266,9 +294,9 @@ class MetricAccumulator:
         if seg_pred is None or not bool(has_seg.any()):
             return
         keep = has_seg.nonzero().flatten()
-        scores = segmentation_scores(
-            seg_pred.detach().cpu()[keep], seg_ref.detach().cpu()[keep], torch.as_tensor(spacing).cpu()[keep]
-        )
+        pred, ref = seg_pred.detach().cpu()[keep], seg_ref.detach().cpu()[keep]
+        case_spacing = torch.as_tensor(spacing).cpu()[keep]
+        scores = segmentation_scores(pred, ref, case_spacing) | lesion_wise_scores(pred, ref, case_spacing)
         for key, values in scores.items():
             self._seg[key].append(values.numpy())
 

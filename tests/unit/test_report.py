@@ -112,3 +112,14 @@ def test_report_shows_bounded_updates_and_rounds_below_quorum(tmp_path: Path) ->
     assert "capped to 80" in page
     below = page[page.index("Rounds below quorum"):]
     assert re.search(r"<td>2</td>\s*<td>1</td>\s*<td>2</td>\s*<td>[^<]*site-c: not connected", below)
+
+
+def test_report_shows_lesion_wise_scores_every_round(tmp_path: Path) -> None:
+    data = history()
+    for r in data["rounds"]:
+        r["heldout"].update(lesion_dice_wt=0.25 * (r["round"] + 1), lesion_hd95_wt=187.0)
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    page = write_report(tmp_path).read_text()
+    lesions = page[page.index("Lesion-wise Dice and HD95 (BraTS 2023+)"):]
+    assert re.search(r"<td>2</td>\s*<td>0.750</td>", lesions) and "187" in lesions
+    assert (tmp_path / "plots" / "heldout_lesion_dice.png").is_file()
