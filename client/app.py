@@ -3,11 +3,16 @@
 Whatever goes wrong at a site, the reply names the error class (and counts, for data problems)
 and nothing of the site's cases or paths; the full text goes to the site's own log
 (:mod:`client.disclosure`).
+
+Flower starts a new process for every message, so what this module imports at the top is paid
+once per message: torch and the model are imported inside the handlers that use them, and a
+benchmark's empty round (``federation.empty_rounds``) replies without them.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,12 +21,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.disclosure import public_reason, site_logger
-from client.session import SiteSession, site_location
-from client.state import site_state_path
+from client.state import site_location, site_state_path
+from common.arrays import cast_floats
 from common.config import from_run_config
-from common.model import build_model
-from common.wire import load_packed, pack_state
 
 app = ClientApp()
 
@@ -29,11 +31,8 @@ app = ClientApp()
 APP_RAISED_EXCEPTION = 2
 
 
-def _model_from(msg: Message, context: Context):
-    cfg = from_run_config(context.run_config)
-    model = build_model(cfg.model, cfg.data.size)
-    load_packed(model, msg.content["arrays"])
-    return cfg, model
+def _site_name(node_config: Mapping[str, Any]) -> str:
+    return site_location(node_config)[0]
 
 
 def _site_record(name: str) -> ConfigRecord:
@@ -65,10 +64,12 @@ def _guarded(stage: str, handler: Callable[[Message, Context], Message]) -> Call
             node_config = context.node_config
             name, state = "", None
             try:
-                name, _ = site_location(node_config)
+                name = _site_name(node_config)
                 state = site_state_path(node_config, name)
             except Exception:  # noqa: BLE001 - no usable node config: log to stderr only
                 pass
+            from client.disclosure import public_reason, site_logger  # the data layer: only on failure
+
             logger = site_logger(state)
             detail = getattr(exc, "detail", None)
             logger.error("%s failed: %s%s\n%s", stage, exc, f"\n{detail}" if detail else "", traceback.format_exc())
@@ -80,17 +81,40 @@ def _guarded(stage: str, handler: Callable[[Message, Context], Message]) -> Call
 
 
 def _train(msg: Message, context: Context) -> Message:
-    cfg, model = _model_from(msg, context)
+    started = time.perf_counter()
+    cfg = from_run_config(context.run_config)
+    if cfg.federation.empty_rounds:
+        # benchmark floor: what Flower itself costs per message (process start, polling, transfer)
+        metrics = MetricRecord({"num-examples": 1.0, "n_train": 1.0, "message_seconds": time.perf_counter() - started})
+        content = RecordDict({"arrays": msg.content["arrays"], "metrics": metrics,
+                              "site": _site_record(_site_name(context.node_config))})
+        return Message(content, reply_to=msg)
+    # torch, the model and the data layer: imported here so that empty rounds do without them
+    from client.session import SiteSession
+    from common.model import build_model
+    from common.wire import load_packed, pack_state
+
+    model = build_model(cfg.model, cfg.data.size)
+    load_packed(model, msg.content["arrays"])
+    opened = time.perf_counter()
     site = SiteSession.open(context.node_config, cfg)
+    open_seconds = time.perf_counter() - opened
     metrics = site.train(model, msg.content["config"])
-    content = RecordDict(
-        {"arrays": pack_state(model.state_dict()), "metrics": MetricRecord(metrics), "site": _site_record(site.name)}
-    )
+    metrics.update(open_seconds=open_seconds, message_seconds=time.perf_counter() - started)
+    arrays = cast_floats(pack_state(model.state_dict()), cfg.federation.wire_dtype)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(site.name)})
     return Message(content, reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    cfg, model = _model_from(msg, context)
+    cfg = from_run_config(context.run_config)
+    # imported here, as in _train (see the module docstring)
+    from client.session import SiteSession
+    from common.model import build_model
+    from common.wire import load_packed
+
+    model = build_model(cfg.model, cfg.data.size)
+    load_packed(model, msg.content["arrays"])
     site = SiteSession.open(context.node_config, cfg)
     metrics = site.evaluate(model)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(site.name)})

@@ -33,10 +33,10 @@ from client.disclosure import withhold_small_groups, withhold_small_pseudo_label
 from client.pseudo_labels import PseudoLabelHook, prepare_pseudo_labels
 from client.state import (
     RoundTag,
-    SiteConfigError,
     default_state_path,
     load_optimizer_state,
     save_optimizer_state,
+    site_location,
     site_state_path,
 )
 from client.training import LocalTrainer
@@ -47,27 +47,6 @@ from common.data.site import load_site, split_cases
 from common.evaluation.loop import evaluate
 from common.model.imputation import freeze_module
 from common.runtime import configure_runtime, select_device
-
-
-def site_location(node_config: Mapping[str, Any]) -> tuple[str, Path]:
-    """(site name, data folder) from a SuperNode's ``--node-config``.
-
-    Node config keys: ``data-path`` (required: the site folder), ``site-name`` (default: the
-    folder's name), ``state-path`` (optional, see :func:`site_state_path`) and
-    ``allow-external-links`` (default false: case folders or files that are symlinks resolving
-    outside the site folder are rejected, so that no other center's data, e.g. the held-out
-    center's, can enter training through a link).
-    """
-    path = str(node_config.get("data-path", "")).strip()
-    if not path:
-        raise SiteConfigError(
-            "this SuperNode has no data path: start it with "
-            "--node-config 'data-path=\"/abs/path/to/site\" site-name=\"site-x\"' "
-            "(optionally state-path=\"/abs/path/to/site-state\")"
-        )
-    root = Path(path).expanduser()
-    name = str(node_config.get("site-name", "")).strip() or root.name
-    return name, root
 
 
 @dataclass

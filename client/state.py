@@ -7,14 +7,12 @@ EMA teacher (``ema_teacher.pt``); nothing in it is sent to the server.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
-
-import torch
+from typing import Any, TypeVar
 
 from common.io import atomic_write
-from common.model.checkpoint import load_failure
 
 T = TypeVar("T")
 #: File name of a site's local optimizer state inside its state folder (train.keep_optimizer_state).
@@ -37,7 +35,7 @@ class RoundTag:
     run_name: str
     global_round: int
 
-    def precedes(self, current: "RoundTag") -> bool:
+    def precedes(self, current: RoundTag) -> bool:
         """True when this state was written earlier in the run ``current`` belongs to."""
         return self.run_name == current.run_name and self.global_round < current.global_round
 
@@ -45,7 +43,7 @@ class RoundTag:
         return {"run_name": self.run_name, "global_round": self.global_round}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, object]) -> "RoundTag":
+    def from_dict(cls, values: Mapping[str, object]) -> RoundTag:
         """Inverse of :meth:`as_dict`; raises KeyError/TypeError/ValueError on a malformed mapping."""
         run_name, global_round = values["run_name"], values["global_round"]
         if not isinstance(run_name, str) or isinstance(global_round, bool) or not isinstance(global_round, int):
@@ -79,6 +77,8 @@ def site_state_path(node_config: Mapping[str, Any], site_name: str) -> Path:
 def save_optimizer_state(state: Mapping[str, Any], folder: Path, tag: RoundTag) -> None:
     """Keep the site's optimizer state (moments, step counts) for the next round of the same run."""
     payload = {**tag.as_dict(), "optimizer": dict(state)}
+    import torch  # here, not at the top: the ClientApp's empty rounds must not pay for it
+
     atomic_write(Path(folder) / OPTIMIZER_FILE, lambda tmp: torch.save(payload, tmp))
 
 
@@ -97,6 +97,11 @@ def read_state_file(path: Path, what: str, fresh: str, parse: Callable[[dict], T
     """``parse`` of a state file's payload (``torch.load`` with ``weights_only``). A damaged or
     foreign file raises ValueError naming it, ``what`` it should hold and the fix (delete it; the
     next round starts ``fresh``), never a raw traceback and never silently a fresh start."""
+    # here, not at the top: the ClientApp's empty rounds import this module and must not pay for torch
+    import torch
+
+    from common.model.checkpoint import load_failure  # torch, too
+
     try:
         return parse(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # torch.load and parse raise many types for a damaged or foreign file
@@ -104,3 +109,24 @@ def read_state_file(path: Path, what: str, fresh: str, parse: Callable[[dict], T
             f"cannot read {what} {path} ({load_failure(exc)}). Delete the file; "
             f"the next round starts {fresh}"
         ) from exc
+
+
+def site_location(node_config: Mapping[str, Any]) -> tuple[str, Path]:
+    """(site name, data folder) from a SuperNode's ``--node-config``.
+
+    Node config keys: ``data-path`` (required: the site folder), ``site-name`` (default: the
+    folder's name), ``state-path`` (optional, see :func:`site_state_path`) and
+    ``allow-external-links`` (default false: case folders or files that are symlinks resolving
+    outside the site folder are rejected, so that no other center's data, e.g. the held-out
+    center's, can enter training through a link).
+    """
+    path = str(node_config.get("data-path", "")).strip()
+    if not path:
+        raise SiteConfigError(
+            "this SuperNode has no data path: start it with "
+            "--node-config 'data-path=\"/abs/path/to/site\" site-name=\"site-x\"' "
+            "(optionally state-path=\"/abs/path/to/site-state\")"
+        )
+    root = Path(path).expanduser()
+    name = str(node_config.get("site-name", "")).strip() or root.name
+    return name, root

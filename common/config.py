@@ -32,6 +32,7 @@ STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyo
 UPDATE_BOUNDS: tuple[str, ...] = ("reject", "clip", "off")
 QUORUM_ACTIONS: tuple[str, ...] = ("skip", "stop")
 SITE_VALIDATIONS: tuple[str, ...] = ("in_train", "message")
+WIRE_DTYPES: tuple[str, ...] = ("float32", "float16")
 
 Scalar = bool | int | float | str
 
@@ -145,6 +146,10 @@ class FederationConfig:
     # "message": a separate evaluate message after every round
     site_validation: str = "in_train"
     validate_every: int = 1  # with in_train: validate the global models of every k-th round (and the last)
+    # float16: weights travel as float16 both ways (half the bytes); the server averages in float32
+    wire_dtype: str = "float32"
+    # benchmark floor only: sites reply at once with the weights they received (no data, no training)
+    empty_rounds: bool = False
     heldout: str = ""  # absolute path of the held-out center (server side)
     out_dir: str = "runs"  # parent of run folders; made absolute by the launcher
     run_name: str = "demo"
@@ -268,6 +273,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("federation", "update_bound"): UPDATE_BOUNDS,
         ("federation", "on_quorum_fail"): QUORUM_ACTIONS,
         ("federation", "site_validation"): SITE_VALIDATIONS,
+        ("federation", "wire_dtype"): WIRE_DTYPES,
     }
     for (sname, key), allowed in choices.items():
         value = getattr(getattr(cfg, sname), key)

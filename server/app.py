@@ -86,6 +86,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
                 "skipped": round_log["skipped"],
                 "quorum": round_log["quorum"],
                 "seconds": round_log["seconds"],
+                "bytes": round_log["bytes"],
                 "calibration": calibration.as_metrics(),
                 "selection_score": score,
             },

@@ -46,6 +46,7 @@ def build_strategy(
             max_examples_ratio=federation.max_examples_ratio,
         ),
         registry=SiteRegistry(identities),
+        wire_dtype=federation.wire_dtype,
         min_train_nodes=federation.min_nodes,
         min_evaluate_nodes=federation.min_nodes if schedule.evaluate_sites else 0,
         min_available_nodes=federation.min_nodes,

@@ -36,6 +36,7 @@ from flwr.supercore import log
 from common.contract import TASKS, VALIDATION_PREFIX
 from server.errors import FederationError, NodeWaitTimeout
 from server.schedule import RoundSchedule
+from common.arrays import cast_floats, nbytes
 from server.strategy.bounds import (
     UpdateBounds,
     cap_weights,
@@ -67,6 +68,7 @@ class FederationMixin:
         on_quorum_fail: str = "skip",
         bounds: UpdateBounds | None = None,
         registry: SiteRegistry | None = None,
+        wire_dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -77,6 +79,7 @@ class FederationMixin:
         self.on_quorum_fail = on_quorum_fail
         self.bounds = bounds or UpdateBounds()
         self.registry = registry or SiteRegistry()
+        self.wire_dtype = wire_dtype  # what travels; the global model and averaging stay float32
         self.min_nodes = int(self.min_available_nodes)  # type: ignore[attr-defined]
         self.stop_reason: str | None = None  # set when a round missed its quorum and the run stops
         # called with {site: validation metrics} of the received global model when a round's training
@@ -108,6 +111,7 @@ class FederationMixin:
         self.bounded: dict[str, str] = {}  # updates clipped or weights capped, and why
         self.skipped: list[str] = []  # sites that had nothing to train on in this stage
         self.quorum_log: dict[str, Any] = {}
+        self.bytes: dict[str, dict[str, int]] = {}  # per site: array bytes sent to it and received from it
         # wall-clock seconds of each phase as the server sees it (sending, site work, replies)
         self.seconds: dict[str, float] = {}
         self._phase_start: dict[str, float] = {}
@@ -123,6 +127,7 @@ class FederationMixin:
             "skipped": self.skipped,
             "quorum": self.quorum_log,
             "seconds": self.seconds,
+            "bytes": self.bytes,
         }
         self.reset_round()
         return out
@@ -188,7 +193,17 @@ class FederationMixin:
         log(INFO, "round %d: stage %s", self.schedule.global_round(server_round), round_config["stage"])
         with self._sampling_floor(len(connected)):
             self._instructions = list(super().configure_train(server_round, arrays, round_config, grid))  # type: ignore[misc]
-        return self._instructions
+        return self._to_wire(self._instructions)
+
+    def _to_wire(self, messages: list[Message]) -> list[Message]:
+        """The instructions with their weights in ``wire_dtype`` (the strategy keeps float32)."""
+        if self.wire_dtype != "float32":
+            key = self.arrayrecord_key  # type: ignore[attr-defined]
+            wire = {}
+            for message in messages:
+                record = message.content[key]
+                message.content[key] = wire.setdefault(id(record), cast_floats(record, self.wire_dtype))
+        return messages
 
     def federation_class_counts(self) -> dict[str, list[float]]:
         """``{"class-count-<task>": [n_0, n_1]}`` summed over the sites' latest replies (empty before
@@ -211,15 +226,23 @@ class FederationMixin:
         round_config = ConfigRecord({**config, **self.schedule.evaluate_config(server_round)})
         with self._sampling_floor(len(connected)):
             self._instructions = list(super().configure_evaluate(server_round, arrays, round_config, grid))  # type: ignore[misc]
-        return self._instructions
+        return self._to_wire(self._instructions)
 
     def _screen(self, replies: Iterable[Message], *, train: bool) -> list[tuple[str, Message]]:
         """The usable replies with their sites' names; everything else logged and recorded by site."""
         self.registry.remember(self._instructions)
+        sent = {m.metadata.dst_node_id: nbytes(m.content.array_records[self.arrayrecord_key])  # type: ignore[attr-defined]
+                for m in self._instructions if self.arrayrecord_key in m.content.array_records}  # type: ignore[attr-defined]
         kept: list[tuple[str, Message]] = []
         for reply in replies:
             claim = self.registry.claim(reply, self._connected)
             name = claim.name
+            counted = self.bytes.setdefault(name, {"sent": 0, "received": 0})
+            counted["sent"] += sent.get(claim.node, 0)
+            if not reply.has_error():
+                for key, record in reply.content.array_records.items():
+                    counted["received"] += nbytes(record)
+                    reply.content[key] = cast_floats(record, "float32")  # averaged in float32
             if reply.has_error():
                 self.failures[name] = reply.error.reason[:500]
                 log(WARNING, "site %s failed this round: %s", name, self.failures[name])

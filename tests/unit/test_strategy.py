@@ -185,3 +185,19 @@ def test_server_optimizers_step_from_the_averaged_update(name: str) -> None:
         assert steps[0] == pytest.approx(0.1, abs=1e-6) and steps[1] == pytest.approx(0.19, abs=1e-5)
     else:
         assert 0 < steps[0] < 0.1 and steps[0] != pytest.approx(0.1)
+
+
+def test_float16_on_the_wire_is_averaged_in_float32_and_bytes_are_counted() -> None:
+    strategy = make_strategy(wire_dtype="float16")
+    current = ArrayRecord({"w": Array(np.full((2, 2), 1.0001, np.float32)), "b": Array(np.zeros(2, np.float32))})
+    messages = list(strategy.configure_train(1, current, ConfigRecord({}), FakeGrid([1, 2])))
+    assert all(m.content["arrays"]["w"].numpy().dtype == np.float16 for m in messages)
+    assert current["w"].numpy().dtype == np.float32  # the global model stays float32
+    half = [reply(1, "a", 1.0, 10), reply(2, "b", 2.0, 10)]
+    for r in half:
+        r.content["arrays"] = ArrayRecord({k: Array(r.content["arrays"][k].numpy().astype(np.float16))
+                                           for k in r.content["arrays"].keys()})
+    arrays, _ = strategy.aggregate_train(1, half)
+    assert arrays["w"].numpy().dtype == np.float32 and np.allclose(arrays["w"].numpy(), 1.5)
+    counted = strategy.pop_round()["bytes"]
+    assert counted["a"] == {"sent": 6 * 2, "received": 6 * 2}  # six float16 values each way
