@@ -38,25 +38,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"label-convention or the site's {SITE_JSON} declares it): "
                              + "; ".join(f"{k}: {v}" for k, v in LABEL_CONVENTION_TEXT.items())
                              + ". Default: the site's site.json, else each case's file naming when its values agree")
+    parser.add_argument("--warm", action="store_true",
+                        help="also fill the site's cache (validation results and preprocessed cases, in its "
+                             "state folder) so that the first federated round does not have to")
+    parser.add_argument("--experiment", default="demo",
+                        help="with --warm: the experiment preset whose preprocessing (data.size) to cache (default: demo)")
+    parser.add_argument("--state-path", type=Path, default=None,
+                        help="with --warm: the site's state folder, as the SuperNode's node config state-path "
+                             "(default: the per-user default for the site name; one DIR only)")
 
 
 def check_site(
-    root: Path, *, deep: bool = True, allow_external_links: bool = False, label_convention: str | None = None
+    root: Path, *, deep: bool = True, allow_external_links: bool = False, label_convention: str | None = None,
+    validation_cache: Any = None, indexes: list[Any] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """(exit status, JSON-able report) for one site folder; ``report["error"]`` explains a
-    non-zero status."""
+    non-zero status. ``validation_cache``: a :class:`common.data.cache.ValidationCache` to fill;
+    ``indexes``: the scanned :class:`common.data.site.SiteIndex` is appended to it."""
     # Heavy (torch, flwr): imported when the command runs, so that `fedglioma --help` stays fast.
     from common.data.site import LabelsCsvError, SiteDeclarationError, SiteNotFoundError, scan_site
 
     base = {"site": root.name, "root": str(root), "deep": deep, "allow_external_links": allow_external_links}
     try:
         index = scan_site(root, deep=deep, allow_external_links=allow_external_links,
-                          label_convention=label_convention)
+                          label_convention=label_convention, validation_cache=validation_cache)
     except SiteNotFoundError as exc:
         return EXIT_NOT_FOUND, base | {"usable": 0, "error": str(exc)}
     except (LabelsCsvError, SiteDeclarationError) as exc:
         return EXIT_UNUSABLE, base | {"usable": 0, "error": str(exc)}
     report = base | index.summary()
+    if indexes is not None:
+        indexes.append(index)
     if not index.cases:
         report["error"] = (
             f"site {index.name} has no usable case ({index.rejection_summary()}): "
@@ -82,6 +94,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable text of one site's report (see :func:`check_site`)."""
     lines = [f"Site {report['site']}  ({report['root']})"]
+    if "warm" in report:
+        warm = report["warm"]
+        lines.append(f"  cache: {warm['cases_cached']} cases validated and preprocessed for "
+                     f"+experiment={warm['experiment']} in {warm['cache']}")
     if "sequences" not in report:  # the site could not be scanned at all
         lines.append(f"  ERROR: {report['error']}")
         return "\n".join(lines)
@@ -148,12 +164,45 @@ def _convention_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def warm_cache(index: Any, state_dir: Path, experiment: str) -> dict[str, Any]:
+    """Preprocess every usable case of ``index`` into the site cache under ``state_dir``, the way
+    a federated round with ``+experiment=<experiment>`` will read it."""
+    # torch and MONAI: only with --warm
+    from common.config import compose
+    from common.data.cache import preprocessed_dir
+    from common.data.dataset import make_loader
+    from common.data.site import split_cases
+
+    cfg = compose([f"+experiment={experiment}"])
+    folder = preprocessed_dir(state_dir)
+    train_cases, val_cases = split_cases(index.cases, cfg.data.val_fraction, cfg.data.split_seed)
+    for cases, train in ((train_cases, True), (val_cases, False)):
+        if cases:
+            dataset = make_loader(cases, cfg.data, train=train, cache_dir=folder).dataset
+            for i in range(len(dataset)):
+                dataset[i]
+    return {"cache": str(folder), "cases_cached": len(index.cases), "experiment": experiment}
+
+
 def run(args: argparse.Namespace) -> int:
+    # imported when the command runs (torch, MONAI), so that `fedglioma --help` stays fast
+    from client.state import default_state_path
+    from common.data.cache import ValidationCache, site_cache_dir
+
+    if args.warm and args.state_path is not None and len(args.dirs) > 1:
+        print("check-site: --state-path names one site's state folder; pass one DIR with it", file=sys.stderr)
+        return EXIT_NOT_FOUND
     status, reports = EXIT_OK, []
     for root in args.dirs:
-        code, report = check_site(Path(root).expanduser(), deep=not args.shallow,
+        root = Path(root).expanduser()
+        state = (args.state_path or default_state_path(root.resolve().name)) if args.warm else None
+        cache = ValidationCache(site_cache_dir(state)) if state is not None else None
+        indexes: list[Any] = []
+        code, report = check_site(root, deep=not args.shallow,
                                   allow_external_links=args.allow_external_links,
-                                  label_convention=args.label_convention)
+                                  label_convention=args.label_convention, validation_cache=cache, indexes=indexes)
+        if args.warm and indexes and indexes[0].cases:
+            report["warm"] = warm_cache(indexes[0], state, args.experiment)
         status = max(status, code)  # 2 (not found) > 1 (unusable) > 0
         reports.append(report)
         if not args.json:

@@ -29,6 +29,7 @@ from torch import nn
 from client.state import RoundTag
 from common.config import ConfigError, ExperimentConfig, SSLConfig
 from common.contract import TASKS, UNKNOWN_LABEL
+from common.data.cache import preprocessed_dir
 from common.data.dataset import make_loader
 from common.data.site import CaseRecord, label_matrix
 from common.data.transforms import INDEX, LABELS
@@ -161,7 +162,8 @@ def majority_class(counts: np.ndarray) -> int | None:
 
 
 def mc_predict_cases(
-    model: nn.Module, cases: Sequence[CaseRecord], cfg: ExperimentConfig, device: torch.device
+    model: nn.Module, cases: Sequence[CaseRecord], cfg: ExperimentConfig, device: torch.device,
+    cache_dir: Path | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MC-dropout mean and std of every task's class probabilities for ``cases``.
 
@@ -173,7 +175,7 @@ def mc_predict_cases(
     if not cases:
         return mean, std
     # No augmentation (train=False): pseudo-labels are predicted on the cases as they are.
-    loader = make_loader(cases, cfg.data, train=False, seed=cfg.train.seed)
+    loader = make_loader(cases, cfg.data, train=False, seed=cfg.train.seed, cache_dir=cache_dir)
     model.to(device)
     # The dropout masks come from a generator forked off and seeded here, so selecting
     # pseudo-labels neither depends on nor shifts the random stream local training uses next.
@@ -192,7 +194,8 @@ def mc_predict_cases(
 
 
 def predict_pseudo_labels(
-    model: nn.Module, cases: Sequence[CaseRecord], cfg: ExperimentConfig, device: torch.device
+    model: nn.Module, cases: Sequence[CaseRecord], cfg: ExperimentConfig, device: torch.device,
+    cache_dir: Path | None = None,
 ) -> PseudoLabels:
     """Select pseudo-labels for the site's training ``cases`` with the current (global) model.
 
@@ -215,7 +218,7 @@ def predict_pseudo_labels(
     start = time.perf_counter()
     real = label_matrix(cases)
     rows = np.flatnonzero((real == UNKNOWN_LABEL).any(axis=1))
-    mean, std = mc_predict_cases(model, [cases[i] for i in rows], cfg, device)
+    mean, std = mc_predict_cases(model, [cases[i] for i in rows], cfg, device, cache_dir)
 
     labels = np.full_like(real, UNKNOWN_LABEL)
     metrics: dict[str, float] = {}
@@ -351,7 +354,8 @@ def prepare_pseudo_labels(
     of :func:`predict_pseudo_labels`.
     """
     if refresh:
-        result = predict_pseudo_labels(model, cases, cfg, device)
+        result = predict_pseudo_labels(model, cases, cfg, device,
+                                       cache_dir=preprocessed_dir(Path(state_path), cfg.data.site_cache))
         save_pseudo_labels(state_path, cases, result.labels, tag)
     else:
         stored = read_pseudo_labels(state_path)

@@ -42,6 +42,7 @@ from client.state import (
 from client.training import LocalTrainer
 from common.config import ExperimentConfig
 from common.contract import SEQUENCES, TASKS, VALIDATION_PREFIX
+from common.data.cache import ValidationCache, preprocessed_dir, site_cache_dir
 from common.data.dataset import make_loader
 from common.data.site import load_site, split_cases
 from common.evaluation.loop import evaluate
@@ -64,20 +65,31 @@ class SiteSession:
     train_cases: list[Any]  # common.data.site.CaseRecord
     val_cases: list[Any]
     state_path: Path | None = None
+    cache_hits: int = 0
 
     @classmethod
     def open(cls, node_config: Mapping[str, Any], cfg: ExperimentConfig) -> SiteSession:
         name, root = site_location(node_config)
         external = str(node_config.get("allow-external-links", "false")).strip().lower() in {"1", "true", "yes"}
-        index = load_site(root, allow_external_links=external, label_convention=node_config.get("label-convention") or None)
-        train_cases, val_cases = split_cases(index.cases, cfg.data.val_fraction, cfg.data.split_seed)
         state = site_state_path(node_config, name)
-        return cls(name, cfg, select_device("auto"), index, train_cases, val_cases, state)
+        cache = site_cache_dir(state, cfg.data.site_cache)
+        validation = ValidationCache(cache, content_hash=cfg.data.cache_content_hash) if cache is not None else None
+        index = load_site(root, allow_external_links=external, label_convention=node_config.get("label-convention") or None,
+                          validation_cache=validation)
+        train_cases, val_cases = split_cases(index.cases, cfg.data.val_fraction, cfg.data.split_seed)
+        session = cls(name, cfg, select_device("auto"), index, train_cases, val_cases, state)
+        session.cache_hits = validation.hits if validation is not None else 0
+        return session
 
     @property
     def state_dir(self) -> Path:
         """The site's local state folder (see :func:`site_state_path`)."""
         return self.state_path if self.state_path is not None else default_state_path(self.name)
+
+    @property
+    def preprocessed(self) -> Path | None:
+        """Where preprocessed cases are kept across messages (None: ``data.site_cache`` off)."""
+        return preprocessed_dir(self.state_dir, self.cfg.data.site_cache)
 
     # ----------------------------------------------------------------- facts
     def description(self) -> dict[str, float]:
@@ -90,6 +102,7 @@ class SiteSession:
             **{f"rejected_{category.replace(' ', '_').replace('-', '_')}": float(n)
                for category, n in self.index.rejection_counts().items()},
             "n_complete": float(sum(all(c.available) for c in self.train_cases)),
+            "cache_hits": float(self.cache_hits),  # cases whose validation came from the site cache
         }
         for i, seq in enumerate(SEQUENCES):
             facts[f"has_{seq}"] = float(sum(c.available[i] for c in self.train_cases))
@@ -136,7 +149,7 @@ class SiteSession:
             return {**_scalar_metrics(metrics), **validated}
         # Shuffling and augmentation differ per round yet repeat exactly for the same seed and round.
         seed = cfg.train.seed + int(round_config.get("global-round", 0))
-        loader = make_loader(cases, cfg.data, train=True, seed=seed)
+        loader = make_loader(cases, cfg.data, train=True, seed=seed, cache_dir=self.preprocessed)
         trainer = LocalTrainer(model, cfg, self.device, loader.dataset.label_matrix(), federation_class_counts(round_config))
         if stage == "pretrain_imputer":
             result = trainer.run(loader, stage=stage, epochs=epochs, lr=lr, desc=self.name)
@@ -201,7 +214,7 @@ class SiteSession:
     # -------------------------------------------------------------- evaluate
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Global model on this site's validation split (scalar metrics + num-examples)."""
-        loader = make_loader(self.val_cases, self.cfg.data, train=False)
+        loader = make_loader(self.val_cases, self.cfg.data, train=False, cache_dir=self.preprocessed)
         model.to(self.device)
         # the cal_* statistics let the server fit a temperature and threshold per task
         metrics = evaluate(model, loader, self.device, progress=False, calibration_stats=True)

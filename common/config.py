@@ -75,6 +75,10 @@ class DataConfig:
     num_workers: int = 0
     split_seed: int = 0
     cache: bool = True  # keep preprocessed cases in memory (small sites)
+    # at a site: keep validation results and preprocessed cases on disk in its state folder, keyed by
+    # each case's file fingerprint (common.data.cache); content hash = SHA-256 of the bytes, not mtime
+    site_cache: bool = True
+    cache_content_hash: bool = False
     complete_only: bool = False  # train only on cases with all four sequences (ablation baseline)
 
 

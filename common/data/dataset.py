@@ -20,6 +20,7 @@ locally; case IDs never enter a batch.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ from monai.data import Dataset as MonaiDataset
 from torch.utils.data import Dataset
 
 from common.config import DataConfig
+from common.data.cache import PersistentCases
 from common.data.site import SEG_KEY, CaseRecord, SiteIndex, label_matrix, split_cases
 from common.data.transforms import INDEX, LABEL_CONVENTION, LABELS, build_transforms
 
@@ -53,14 +55,20 @@ class SiteDataset(Dataset):
             MONAI's CacheDataset; random augmentation still runs every epoch) and ``num_workers``
             (threads used to fill the cache).
         train: apply the training augmentation.
+        cache_dir: keep the deterministic part on disk there instead (a site's state folder,
+            :class:`common.data.cache.PersistentCases`), reused by later messages.
     """
 
-    def __init__(self, cases: Sequence[CaseRecord], cfg: DataConfig, *, train: bool) -> None:
+    def __init__(self, cases: Sequence[CaseRecord], cfg: DataConfig, *, train: bool, cache_dir: Path | None = None) -> None:
         self.cases: list[CaseRecord] = list(cases)
         self.train = train
         self.transform = build_transforms(cfg.size, train)
         items = [case_item(case, i) for i, case in enumerate(self.cases)]
-        if cfg.cache:
+        if cache_dir is not None:
+            # on disk, across messages and rounds (common.data.cache)
+            self.data = PersistentCases(items, self.transform, cache_dir, content_hash=cfg.cache_content_hash,
+                                        volatile=(LABELS, INDEX))
+        elif cfg.cache:
             self.data: MonaiDataset = CacheDataset(
                 items, self.transform, cache_rate=1.0, num_workers=max(cfg.num_workers, 1), progress=False
             )
@@ -78,7 +86,9 @@ class SiteDataset(Dataset):
         return label_matrix(self.cases)
 
 
-def make_loader(cases: Sequence[CaseRecord], cfg: DataConfig, train: bool, *, seed: int = 0) -> DataLoader:
+def make_loader(
+    cases: Sequence[CaseRecord], cfg: DataConfig, train: bool, *, seed: int = 0, cache_dir: Path | None = None
+) -> DataLoader:
     """A loader over ``cases``: shuffled (seeded) with augmentation when ``train``, in order
     without it otherwise; the last partial batch is kept.
 
@@ -90,7 +100,7 @@ def make_loader(cases: Sequence[CaseRecord], cfg: DataConfig, train: bool, *, se
     if train and not cases:
         raise ValueError("make_loader(train=True) got no cases: a site needs at least one usable training case "
                          "(run `fedglioma check-site` on its folder)")
-    dataset = SiteDataset(cases, cfg, train=train)
+    dataset = SiteDataset(cases, cfg, train=train, cache_dir=cache_dir)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,

@@ -979,7 +979,7 @@ def _rejection(case_id: str, problems: Sequence[Problem]) -> Rejection:
 
 def scan_site(
     root: Path | str, *, deep: bool = True, allow_external_links: bool = False, max_voxels: int = MAX_VOXELS,
-    label_convention: str | None = None,
+    label_convention: str | None = None, validation_cache: Any = None,
 ) -> SiteIndex:
     """Discover and validate every case of a site folder.
 
@@ -996,6 +996,8 @@ def scan_site(
             declares it (node config ``label-convention``, ``--label-convention``); it must agree with
             ``site.json`` when that declares one too. None: ``site.json``'s, else inferred per case
             (:func:`case_label_convention`).
+        validation_cache: a :class:`common.data.cache.ValidationCache` that keeps each case's file
+            validation while its files are unchanged (saved at the end), or None.
 
     Returns:
         The :class:`SiteIndex`: usable cases sorted by case_id, and a rejection for every folder or
@@ -1041,7 +1043,11 @@ def scan_site(
                                  "to mark the label unknown", Category.UNKNOWN_LABEL) for p in row.problems]
         content, convention = None, declared
         if found.images and not external:  # data from outside the site is not read
-            file_problems, content = validate_case_files(found.images, found.seg, deep=deep, max_voxels=max_voxels)
+            if validation_cache is not None:
+                file_problems, content = validation_cache.validate(case_id, found.images, found.seg, deep=deep,
+                                                                   max_voxels=max_voxels)
+            else:
+                file_problems, content = validate_case_files(found.images, found.seg, deep=deep, max_voxels=max_voxels)
             problems += file_problems
             if found.seg is not None and not file_problems:
                 convention, problem = case_label_convention(root, found.seg, found.naming, content, declared, source)
@@ -1076,12 +1082,14 @@ def scan_site(
             Category.NO_FOLDER,
         ))
     index.ignored.sort()
+    if validation_cache is not None:
+        validation_cache.save(keep={f.name for f in folders})
     return index
 
 
 def load_site(
     root: Path | str, *, allow_external_links: bool = False, max_voxels: int = MAX_VOXELS,
-    label_convention: str | None = None,
+    label_convention: str | None = None, validation_cache: Any = None,
 ) -> SiteIndex:
     """:func:`scan_site` (deep) for training/evaluation.
 
@@ -1090,7 +1098,7 @@ def load_site(
             leave the site); its ``detail`` names the site folder and every rejected case.
     """
     index = scan_site(root, deep=True, allow_external_links=allow_external_links, max_voxels=max_voxels,
-                      label_convention=label_convention)
+                      label_convention=label_convention, validation_cache=validation_cache)
     if index.cases:
         return index
     what = index.rejection_summary() if index.rejected else "the site folder holds no case folder"

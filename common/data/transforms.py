@@ -186,6 +186,9 @@ def build_transforms(size: int, train: bool) -> Compose:
                 align_corners=(False, None), anti_aliasing=(True, False)),
         ResizeWithPadOrCropd(keys=spatial, spatial_size=(size, size, size)),
         NormalizeIntensityd(keys=IMAGE, nonzero=True, channel_wise=True),
+        # before any random step: everything up to here is deterministic and may be cached on disk
+        # without the image metadata (common.data.cache), which this step reads
+        RecordSpacingd(),
     ]
     if train:
         # Left-right only (axis 0 after RAS): flipping anterior-posterior or superior-inferior would
@@ -199,7 +202,6 @@ def build_transforms(size: int, train: bool) -> Compose:
             RandStdShiftIntensityd(keys=IMAGE, factors=0.1, prob=0.5, nonzero=True, channel_wise=True),
         ]
     steps += [
-        RecordSpacingd(),
         EnsureTyped(keys=(IMAGE, SEG, LABELS, INDEX), dtype=(torch.float32, torch.int64, torch.int64, torch.int64),
                     track_meta=False),
         SelectItemsd(keys=ITEM_KEYS),

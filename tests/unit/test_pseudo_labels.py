@@ -91,7 +91,7 @@ def test_predictions_only_fill_unknown_labels_and_report_scalar_metrics(monkeypa
     cases = [case("a", (0, 1, 0, 1)), case("b", (U, 1, U, 0)), case("c", (1, U, 0, U)), case("d", (U, U, U, U))]
     seen: list[str] = []
 
-    def fake_mc(model, cases_in, cfg, device):  # confident class 1 everywhere, low spread
+    def fake_mc(model, cases_in, cfg, device, cache_dir=None):  # confident class 1 everywhere, low spread
         seen.extend(c.case_id for c in cases_in)
         n = len(cases_in)
         return torch.tensor([0.01, 0.99]).expand(n, len(TASKS), 2).clone(), torch.zeros(n, len(TASKS), 2)
