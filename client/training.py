@@ -218,6 +218,7 @@ class LocalTrainer:
             [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else None
         )
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # divisors other than the steps (a metric seen on some steps only)
         shares: dict[str, float] = {}
         steps = 0
         start = time.perf_counter()
@@ -249,6 +250,15 @@ class LocalTrainer:
                 if after_step is not None:
                     after_step(model)
                 steps += 1
+                gate = output.aux.get("imputation_gate") if getattr(output, "aux", None) else None
+                if gate is not None and bool((~batch["available"].bool()).any()):
+                    # how open the imputer's gate is on the sequences it generated (GMENet eq. 3)
+                    missing = ~batch["available"].bool()
+                    sums["imputation_gate"] = sums.get("imputation_gate", 0.0) + float(
+                        gate.detach().float().mean(dim=tuple(range(2, gate.dim())))[missing].mean())
+                    counts["imputation_gate"] = counts.get("imputation_gate", 0) + 1
+                    sums["imputed_sequences"] = sums.get("imputed_sequences", 0.0) + float(missing.sum())
+                    counts["imputed_sequences"] = 1  # a total, not a mean
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 for name, value in terms.items():
                     sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
@@ -256,7 +266,7 @@ class LocalTrainer:
                     break
             if self.cfg.train.max_steps and steps >= self.cfg.train.max_steps:
                 break
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics = {k: v / counts.get(k, max(steps, 1)) for k, v in sums.items()}
         metrics.update(shares)
         metrics.update(steps=float(steps), seconds=time.perf_counter() - start, optimizer_state_restored=restored)
         return StageResult(metrics, optimizer.state_dict())

@@ -61,14 +61,21 @@ def _progress_printer(metrics_path: Path, total_rounds: int):
             h = entry["heldout"]
             bar = "#" * entry["round"] + "." * max(total_rounds - entry["round"], 0)
             print(
-                f"[{bar}] round {entry['round']}/{total_rounds} held-out: "
+                f"[{bar}] round {entry['round']}/{total_rounds} ({entry.get('stage', '?')}) held-out: "
                 + " ".join(f"{k}={_f(h.get(k))}" for k in ("dice_wt", "dice_tc", "dice_et", "auc_idh", "auc_grade")),
                 flush=True,
             )
             for site, m in sorted(entry.get("train", {}).items()):
+                extra = ""
+                if "imputation_gate" in m:  # how open the imputer's gate was on the sequences it generated
+                    extra += f" imputed={m.get('imputed_sequences', 0):.0f} gate={_f(m['imputation_gate'])}"
+                if "pseudo_accepted" in m:
+                    extra += f" pseudo-labels accepted={m['pseudo_accepted']:.0f} used={m.get('pseudo_used', 0):.0f}"
+                if "loss_consistency_seg" in m:  # the EMA teacher's consistency terms (GMMAS stage 2)
+                    extra += f" consistency seg={_f(m['loss_consistency_seg'])} cls={_f(m.get('loss_consistency_cls'))}"
                 print(f"      {site}: loss={_f(m.get('loss'))} cases={_f(m.get('num-examples'))} "
-                      f"time={_f(m.get('seconds'))}s", flush=True)
-            for kind in ("failures", "rejected"):
+                      f"time={_f(m.get('seconds'))}s{extra}", flush=True)
+            for kind in ("failures", "rejected", "bounded"):
                 for site, why in (entry.get(kind) or {}).items():
                     print(f"      {site} {kind[:-1] if kind.endswith('s') else kind}: {why}", flush=True)
 
