@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls bench-federation clean
+.PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls bench-federation bench-post clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-ssl: $(STAMP)
 
 bench-cls: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_cls.py $(ARGS)
+
+bench-post: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_postprocess.py $(ARGS)
 
 bench-federation: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_federation.py $(ARGS)

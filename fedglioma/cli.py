@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-site": ("client.check_site", "report which cases of a site folder are usable and why not"),
     "train": ("fedglioma.baselines", "centralized or single-site baseline training"),
     "evaluate": ("fedglioma.evaluate", "score a checkpoint on a site folder (e.g. the held-out center)"),
+    "predict": ("fedglioma.predict", "segment and classify new cases with a checkpoint (masks, report.html)"),
     "certs": ("deploy.certs", "create the CA, SuperLink certificate and per-site keys"),
     "demo": ("deploy.demo", "run a real local federation (TLS SuperLink + one SuperNode per site)"),
 }
