@@ -118,6 +118,9 @@ def format_report(report: dict[str, Any]) -> str:
             classes = [k for k in counts if k != "unknown"]
             rows.append([task, *(f"{k} {counts[k]}" for k in classes), f"unknown {counts['unknown']}"])
         lines += _table(["task", "class 0", "class 1", "no label"], rows)
+        survival = report["survival"]
+        lines.append(f"  survival: {survival['known']} known ({survival['events']} deaths, "
+                     f"{survival['known'] - survival['events']} censored), {survival['unknown']} unknown")
         lines.append("")
         lines.append(f"  segmentations: {report['segmentations']} of {usable} usable cases")
         lines += _convention_lines(report)

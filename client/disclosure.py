@@ -33,7 +33,8 @@ def withhold_small_groups(metrics: Mapping[str, float], n_seg: int, min_cases: i
     """``metrics`` (one site's validation) without the groups computed over < ``min_cases`` cases:
     a task's metrics (``*_<task>``, calibration statistics ``cal_*_<task>`` included) when it has
     fewer labeled cases (``n_<task>``), the segmentation metrics when fewer cases have a reference
-    segmentation (``n_seg``), and everything when the split itself is that small."""
+    segmentation (``n_seg``), the C-index when fewer cases have a known survival (``n_survival``), and
+    everything when the split itself is that small."""
     out = dict(metrics)
     if float(out.get("n_cases", out.get("num-examples", 0.0))) < min_cases:
         return {"num-examples": 0.0, "n_cases": 0.0, "withheld": 1.0}
@@ -44,6 +45,8 @@ def withhold_small_groups(metrics: Mapping[str, float], n_seg: int, min_cases: i
     if n_seg < min_cases:
         for key in SEG_METRIC_KEYS:
             out.pop(key, None)
+    if float(out.get("n_survival", 0.0)) < min_cases:
+        out.pop("cindex", None)
     return out
 
 

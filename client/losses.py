@@ -4,6 +4,10 @@
 * Classification (per task, only samples with a label): class-weighted cross-entropy (MTTU-Net
   eq. 14/20), balanced softmax (Ren et al. 2020; GMENet) or focal loss (MMRAN), each sample
   scaled by its label weight (1 for real labels, a weight for pseudo-labels).
+* Survival (when the model has a survival head, ``output.risk``): the negative Cox partial
+  log-likelihood (Efron ties; torchsurv) over the cases of the batch with a known survival
+  (``batch["survival"]`` (B, 2) = days, event; event ``UNKNOWN_LABEL`` unknown). A batch without
+  an observed death among them has no risk set to compare and leaves the term out.
 * Task weighting: Kendall et al. 2018 learned log-variances (MTTU-Net eq. 15, GMMAS eq. 7-9), held
   by the model (:class:`UncertaintyWeighting`) so that they are federated with the other weights.
 
@@ -22,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, FocalLoss
 from torch import nn
+from torchsurv.loss.cox import neg_partial_log_likelihood
 
 from common.config import CLS_LOSSES, TASK_WEIGHTINGS, choice_error
-from common.contract import SEG_TERM, TASKS, UNKNOWN_LABEL
+from common.contract import SEG_TERM, SURVIVAL_TERM, TASKS, UNKNOWN_LABEL
 from common.model import GliomaOutput
 from common.model.task_weighting import UncertaintyWeighting
 
@@ -79,7 +84,8 @@ def class_weights_from_labels(labels: np.ndarray | torch.Tensor, num_classes: in
 @dataclass
 class LossResult:
     """``total``: the scalar to backpropagate. ``terms``: detached per-term losses (``seg``,
-    ``cls_<task>``), 0 for terms that had no data in the batch (every key is always present)."""
+    ``cls_<task>``, and ``survival`` when the model has a survival head), 0 for terms that had no
+    data in the batch (every key is always present)."""
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
@@ -199,6 +205,17 @@ class MultiTaskLoss(nn.Module):
         losses = self.per_sample_cls(task_index, logits[keep], labels[keep])
         return (weight[keep].float() * losses).sum() / keep.sum()
 
+    @staticmethod
+    def survival(risk: torch.Tensor, survival: torch.Tensor) -> torch.Tensor | None:
+        """Negative Cox partial log-likelihood (mean per death, Efron ties) of the log hazard
+        ratios ``risk`` (B,) over the cases with a known ``survival`` (B, 2) = (days, event); None
+        unless at least two such cases and one observed death (nothing to rank)."""
+        event = survival[:, 1]
+        keep = event != UNKNOWN_LABEL
+        if int(keep.sum()) < 2 or not bool((event[keep] == 1).any()):
+            return None
+        return neg_partial_log_likelihood(risk[keep].float(), event[keep] == 1, survival[keep, 0].float())
+
     # --------------------------------------------------------------- forward
     def forward(
         self, output: "GliomaOutput", batch: Mapping[str, torch.Tensor], weighting: UncertaintyWeighting
@@ -219,6 +236,10 @@ class MultiTaskLoss(nn.Module):
             loss = self.classification(j, output.cls_logits[task], task_labels, weight)
             if loss is not None:
                 present[task] = loss
+        survival = batch.get("survival")
+        cox = self.survival(output.risk, survival) if output.risk is not None and survival is not None else None
+        if cox is not None:
+            present[SURVIVAL_TERM] = cox
 
         weighted: dict[str, torch.Tensor] = {}
         if present:
@@ -227,11 +248,13 @@ class MultiTaskLoss(nn.Module):
         else:
             # Nothing to learn from: a zero that is still attached to the graph, so that
             # backward() works and leaves all gradients at zero.
-            outputs = [output.seg_logits, *output.cls_logits.values()]
+            outputs = [output.seg_logits, *output.cls_logits.values(), *([output.risk] if output.risk is not None else [])]
             total = torch.stack([o.float().sum() for o in outputs]).sum() * 0.0
 
         zero = total.new_zeros(()).detach()
         terms = {SEG_TERM: present[SEG_TERM].detach() if SEG_TERM in present else zero}
         for task in self.tasks:
             terms[cls_term_name(task)] = present[task].detach() if task in present else zero
+        if output.risk is not None:
+            terms[SURVIVAL_TERM] = present[SURVIVAL_TERM].detach() if SURVIVAL_TERM in present else zero
         return LossResult(total=total, terms=terms, weighted=weighted)

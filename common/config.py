@@ -62,7 +62,8 @@ class ModelConfig:
     # factor on the classification gradient into the shared encoder: at 1.0 the four heads sent
     # ~95% of the encoder's gradient in the first epoch (grad_share_* metrics); 0.1 measured better
     cls_encoder_grad: float = 0.1
-    survival_head: bool = False
+    # a survival head (Cox log hazard ratio, classifier.survival) trained on labels.csv's survival_days/event
+    survival_head: bool = True
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,10 @@ UNKNOWN_LABEL = -1
 
 LABELS_CSV = "labels.csv"
 LABELS_CSV_COLUMNS: tuple[str, ...] = ("case_id",) + tuple(TASK_COLUMNS[t] for t in TASKS)
-LABELS_CSV_OPTIONAL: tuple[str, ...] = ("survival_days", "event")
+#: Optional labels.csv columns: overall survival in days from diagnosis and whether death was
+#: observed (1) or the case was censored at that time (0); both empty = unknown.
+SURVIVAL_DAYS, SURVIVAL_EVENT = "survival_days", "event"
+LABELS_CSV_OPTIONAL: tuple[str, ...] = (SURVIVAL_DAYS, SURVIVAL_EVENT)
 
 #: Metric keys (DESIGN.md section 7). Segmentation: per region, Dice and HD95 over the whole
 #: region, then the BraTS 2023+ lesion-wise Dice and HD95 (:mod:`common.evaluation.lesions`).
@@ -99,13 +102,18 @@ SEG_METRIC_KEYS: tuple[str, ...] = tuple(
 #: z = logit_1 - logit_0 over the labeled cases (a collapsed head has a small spread).
 CLS_METRIC_NAMES: tuple[str, ...] = ("auc", "acc", "bacc", "sen", "spe", "f1", "ece", "logit_mean", "logit_std", "n")
 CLS_METRIC_KEYS: tuple[str, ...] = tuple(f"{m}_{t}" for t in TASKS for m in CLS_METRIC_NAMES)
-METRIC_KEYS: tuple[str, ...] = SEG_METRIC_KEYS + CLS_METRIC_KEYS + ("n_cases",)
+#: ``cindex``: Harrell's concordance of the survival head's risk with the observed survival over
+#: ``n_survival`` cases with known survival (NaN without a survival head or without events).
+SURVIVAL_METRIC_KEYS: tuple[str, ...] = ("cindex", "n_survival")
+METRIC_KEYS: tuple[str, ...] = SEG_METRIC_KEYS + CLS_METRIC_KEYS + SURVIVAL_METRIC_KEYS + ("n_cases",)
 
 #: Parameter-name groups of the network, so strategies and freezing can select them by prefix.
 PARAM_GROUPS: tuple[str, ...] = ("stems", "imputer", "fusion", "encoder", "decoder", "classifier", "task_weighting")
 
-#: Name of the segmentation term among the loss terms (beside one term per task).
+#: Name of the segmentation term among the loss terms (beside one term per task), and of the
+#: survival (Cox) term when the model has a survival head.
 SEG_TERM = "seg"
+SURVIVAL_TERM = "survival"
 
 #: prefix of the metrics in a training reply that validate the *received* global model at the site
 #: (federation.site_validation=in_train), as opposed to the local training that followed

@@ -102,7 +102,7 @@ def run_baseline(
         calibration = fit_calibration(site_metrics.values())
         selection = selection_score(site_metrics)
         heldout_metrics = evaluate(model, heldout_loader, dev, progress=cfg.train.progress, desc="held-out",
-                                   calibration=calibration)
+                                   calibration=calibration, survival_curves=True)
         folder.record_round(
             round_, heldout=heldout_metrics, sites=site_metrics,
             train={train_key: train_metrics} if train_metrics else {},

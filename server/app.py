@@ -115,7 +115,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         metrics = complete(global_round, arrays, round_log, round_log["sites"])
         if strategy.stop_reason is not None:
             raise FederationError(strategy.stop_reason)  # after the round was recorded
-        return MetricRecord({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
+        # scalars only: km_risk_groups (the Kaplan-Meier curves) goes to metrics.json, not to Flower
+        return MetricRecord({k: float(v) for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)})
 
     if remaining > 0:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,8 +34,11 @@ class HeldoutEvaluator:
     def n_cases(self) -> int:
         return len(self.index.cases)
 
-    def evaluate(self, model: nn.Module, calibration: Calibration | None = None) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, calibration: Calibration | None = None) -> dict[str, Any]:
         """Scores of ``model`` on every held-out case, with the temperature and thresholds fit on
-        the sites' validation splits (``calibration``; None = raw softmax, threshold 0.5)."""
+        the sites' validation splits (``calibration``; None = raw softmax, threshold 0.5), and the
+        Kaplan-Meier curves of its predicted low/high-risk halves (``km_risk_groups``, for the
+        report; None without a survival head or known survival)."""
         model.to(self.device)
-        return evaluate(model, self.loader, self.device, progress=self.progress, desc="held-out", calibration=calibration)
+        return evaluate(model, self.loader, self.device, progress=self.progress, desc="held-out",
+                        calibration=calibration, survival_curves=True)

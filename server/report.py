@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.contract import LESION_METRIC_KEYS, SEQUENCES, TASKS
+from common.contract import LESION_METRIC_KEYS, SEQUENCES, SURVIVAL_METRIC_KEYS, TASKS
 from common.io import atomic_write
 from server.run_folder import RunFolderError, read_metrics
 
@@ -25,6 +25,8 @@ HELDOUT_PLOTS: dict[str, tuple[str, ...]] = {
     "heldout_hd95": ("hd95_wt", "hd95_tc", "hd95_et"),
     "heldout_lesion_dice": ("lesion_dice_wt", "lesion_dice_tc", "lesion_dice_et"),
 }
+#: Plotted when a round has it: the survival head's C-index on the held-out center.
+SURVIVAL_PLOT = ("heldout_cindex", ("cindex",))
 FINAL_TABLE_KEYS: tuple[str, ...] = (
     "dice_wt", "dice_tc", "dice_et", "hd95_wt",
     *(f"auc_{t}" for t in TASKS), *(f"bacc_{t}" for t in TASKS), "n_cases",
@@ -46,13 +48,19 @@ def _fmt(value: Any) -> str:
     return f"{f:.0f}" if f.is_integer() and abs(f) >= 1 else f"{f:.3f}"
 
 
-def _plot_series(path: Path, title: str, xs: list[int], series: dict[str, list[float]], ylabel: str) -> None:
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend."""
     # Imported on the first plot: pyplot must see the Agg backend chosen first (no display here).
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after the backend is chosen
 
+    return plt
+
+
+def _plot_series(path: Path, title: str, xs: list[int], series: dict[str, list[float]], ylabel: str) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     for label, ys in series.items():
         if any(not math.isnan(y) for y in ys):
@@ -69,6 +77,28 @@ def _plot_series(path: Path, title: str, xs: list[int], series: dict[str, list[f
     plt.close(fig)
 
 
+def _plot_km(path: Path, round_: int, curves: dict[str, Any]) -> None:
+    """Kaplan-Meier step curves of the predicted low- and high-risk halves (metrics.json's
+    ``km_risk_groups``: per group ``time``, ``survival``, ``n``, ``events``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for group in ("low", "high"):
+        curve = curves.get(group) or {}
+        if curve.get("time"):
+            label = f"{group} predicted risk (n={curve.get('n')}, deaths={curve.get('events')})"
+            ax.step(curve["time"], curve["survival"], where="post", label=label)
+    ax.set_title(f"held-out center, round {round_}: Kaplan-Meier by predicted risk (median split)", fontsize=10)
+    ax.set_xlabel("days")
+    ax.set_ylabel("survival probability")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+
+
 def make_plots(run_dir: Path, history: dict[str, Any]) -> list[Path]:
     rounds = history.get("rounds", [])
     xs = [r["round"] for r in rounds]
@@ -79,6 +109,15 @@ def make_plots(run_dir: Path, history: dict[str, Any]) -> list[Path]:
         unit = "mm" if "hd95" in name else "score"
         _plot_series(plots / f"{name}.png", f"held-out center: {name.split('_', 1)[1]}", xs, series, unit)
         written.append(plots / f"{name}.png")
+    name, keys = SURVIVAL_PLOT
+    if any(not math.isnan(_num(r["heldout"].get(k))) for r in rounds for k in keys):
+        series = {k: [_num(r["heldout"].get(k)) for r in rounds] for k in keys}
+        _plot_series(plots / f"{name}.png", "held-out center: C-index of the survival head", xs, series, "C-index")
+        written.append(plots / f"{name}.png")
+    curves = rounds[-1]["heldout"].get("km_risk_groups") if rounds else None
+    if isinstance(curves, dict):
+        _plot_km(plots / "heldout_km.png", rounds[-1]["round"], curves)
+        written.append(plots / "heldout_km.png")
     sites = sorted({s for r in rounds for s in r.get("sites", {})})
     if sites:
         series = {s: [_num(r.get("sites", {}).get(s, {}).get("dice_wt")) for r in rounds] for s in sites}
@@ -128,6 +167,11 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
         parts.append("<h2>Lesion-wise Dice and HD95 (BraTS 2023+) on the held-out center, every round</h2>")
         rows = [[str(r["round"]), *(_fmt(r["heldout"].get(k)) for k in LESION_METRIC_KEYS)] for r in rounds]
         parts.append(_table(["round", *LESION_METRIC_KEYS], rows))
+
+    if any(k in r["heldout"] for r in rounds for k in SURVIVAL_METRIC_KEYS):
+        parts.append("<h2>Survival head on the held-out center, every round (Harrell's C-index; 0.5 = chance)</h2>")
+        rows = [[str(r["round"]), *(_fmt(r["heldout"].get(k)) for k in SURVIVAL_METRIC_KEYS)] for r in rounds]
+        parts.append(_table(["round", *SURVIVAL_METRIC_KEYS], rows))
 
     # Diagnosis of the molecular heads per round: a head that predicts one class has a small logit
     # spread and a balanced accuracy of 0.5; calibration (temperature, threshold) comes from the

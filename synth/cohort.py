@@ -4,7 +4,7 @@ Output layout::
 
     OUT/cohort.json            what was generated per site (naming, scanner, counts, shape, seed)
     OUT/ground_truth.csv       every case's true status and tumor volumes (benchmarks only)
-    OUT/site-a/labels.csv      known labels; empty = unknown
+    OUT/site-a/labels.csv      known labels and survival (days, event); empty = unknown
     OUT/site-a/<case>/<case>_t1.nii.gz ...   (or <case>-t1n.nii.gz ..., per site naming)
     OUT/heldout/...            the independent held-out center (complete sequences and labels)
 
@@ -34,16 +34,20 @@ from common.contract import (
     ET,
     LABELS_CSV,
     LABELS_CSV_COLUMNS,
+    LABELS_CSV_OPTIONAL,
     LEGACY_ET,
     NAMING,
     NCR,
     SEQUENCES,
+    SURVIVAL_DAYS,
+    SURVIVAL_EVENT,
     TASK_CLASSES,
     TASK_COLUMNS,
     TASKS,
 )
 from synth import anatomy as anat
 from synth.mri import ScannerProfile, bias_field, contrasts, scanner_signal
+from synth.survival import log_hazard_ratio, sample_survival
 from synth.tumor import (
     MolecularStatus,
     TumorPhenotype,
@@ -65,6 +69,7 @@ GROUND_TRUTH_COLUMNS: tuple[str, ...] = (
     "site", "case_id", *(TASK_COLUMNS[t] for t in TASKS),
     "wt_volume_ml", "tc_volume_ml", "et_volume_ml", "enhancing_fraction",
     "necrosis", "t2_flair_mismatch", "calcification", "hemorrhage",
+    SURVIVAL_DAYS, SURVIVAL_EVENT, "log_hazard_ratio",
 )
 
 
@@ -78,7 +83,8 @@ class SiteProfile:
     """What distinguishes one center: scanner, file naming, missing sequences and labels, class balance.
 
     ``missing_sequences``/``missing_labels`` give, per sequence/task, the probability that a case
-    lacks it (1.0: no case has it); each case draws independently.
+    lacks it (1.0: no case has it), ``missing_survival`` that its survival is unknown; each case
+    draws independently.
     """
 
     key: str
@@ -89,6 +95,7 @@ class SiteProfile:
     missing_sequences: Mapping[str, float] = field(default_factory=dict)
     missing_labels: Mapping[str, float] = field(default_factory=dict)
     segmentations: bool = True
+    missing_survival: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -96,7 +103,7 @@ class SiteProfile:
             "et_label": LEGACY_ET if self.naming == "brats2021" else ET,
             "scanner": self.scanner.as_dict(), "p_idh_mutant": self.p_idh_mutant,
             "missing_sequences": dict(self.missing_sequences), "missing_labels": dict(self.missing_labels),
-            "segmentations": self.segmentations,
+            "segmentations": self.segmentations, "missing_survival": self.missing_survival,
         }
 
 
@@ -113,6 +120,7 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         p_idh_mutant=0.45,
         missing_sequences={"t1": 1.0},
         missing_labels={"idh": 0.3, "1p19q": 0.5, "grade": 0.2, "mgmt": 0.4},
+        missing_survival=0.3,
     ),
     SiteProfile(
         "C", "only T1ce and FLAIR; noisy 1.5T, thick sagittal slices; 60 % labels missing", "brats2021",
@@ -120,6 +128,7 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         p_idh_mutant=0.3,
         missing_sequences={"t1": 1.0, "t2": 1.0},
         missing_labels={t: 0.6 for t in TASKS},
+        missing_survival=0.6,
     ),
     SiteProfile(
         "D", "T2 missing for ~40 % of cases; MGMT rarely tested", "brats2023",
@@ -127,6 +136,7 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         p_idh_mutant=0.4,
         missing_sequences={"t2": 0.4},
         missing_labels={"mgmt": 0.5},
+        missing_survival=0.2,
     ),
     SiteProfile(
         "E", "FLAIR missing for ~25 % of cases; 40 % labels missing", "brats2021",
@@ -134,6 +144,7 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         p_idh_mutant=0.5,
         missing_sequences={"flair": 0.25},
         missing_labels={t: 0.4 for t in TASKS},
+        missing_survival=0.4,
     ),
 )
 #: The independent held-out center: its own scanner and class balance, complete data.
@@ -202,7 +213,9 @@ class SyntheticCase:
     """One generated case in memory (before missingness is applied to the files).
 
     ``images``: all four sequences, float32 (X, Y, Z); ``seg``: internal labels uint8 (X, Y, Z);
-    ``brain``: the case's brain mask (bool); ``available``/``known``: what the site provides.
+    ``brain``: the case's brain mask (bool); ``available``/``known``: what the site provides;
+    ``survival``: observed (days, event) (:func:`synth.survival.sample_survival`), in labels.csv
+    when ``survival_known``.
     """
 
     spec: CaseSpec
@@ -213,11 +226,14 @@ class SyntheticCase:
     phenotype: TumorPhenotype
     available: tuple[str, ...]
     known: tuple[str, ...]
+    survival: tuple[float, int] = (0.0, 0)
+    survival_known: bool = False
 
 
 def case_rngs(seed: int, site: str, index: int) -> dict[str, np.random.Generator]:
     """Independent random streams of one case, derived from (seed, site, case index) only."""
-    names = ("status", "phenotype", "seed", "pose", "compartments", "contrast", "scanner", "availability")
+    # new streams go last: spawning more children leaves the first ones (and so the voxels) as they were
+    names = ("status", "phenotype", "seed", "pose", "compartments", "contrast", "scanner", "availability", "survival")
     root = np.random.SeedSequence(entropy=seed, spawn_key=(zlib.crc32(site.encode()), index))
     return {name: np.random.default_rng(child) for name, child in zip(names, root.spawn(len(names)))}
 
@@ -261,7 +277,10 @@ def make_case(spec: CaseSpec) -> SyntheticCase:
     if not available:  # a case without any image is no case; no profile asks for it, but be safe
         available = (SEQUENCES[-1],)
     known = tuple(t for t, d in zip(TASKS, label_draws) if d >= profile.missing_labels.get(t, 0.0))
-    return SyntheticCase(spec, images, segmentation(codes), anatomy.brain > 0.5, status, phenotype, available, known)
+    survival = sample_survival(status, rng["survival"])
+    survival_known = bool(rng["survival"].random() >= profile.missing_survival)
+    return SyntheticCase(spec, images, segmentation(codes), anatomy.brain > 0.5, status, phenotype, available, known,
+                         survival, survival_known)
 
 
 def case_file(folder: Path, case_id: str, naming: str, key: str) -> Path:
@@ -304,7 +323,9 @@ def ground_truth_record(case: SyntheticCase) -> dict[str, Any]:
         "enhancing_fraction": round(et / tc, 4) if tc else 0.0,
         "necrosis": int(p.necrotic), "t2_flair_mismatch": int(p.mismatch),
         "calcification": int(p.calcification > 0), "hemorrhage": int(p.hemorrhage),
-        "_available": list(case.available), "_known": list(case.known),
+        SURVIVAL_DAYS: int(case.survival[0]), SURVIVAL_EVENT: case.survival[1],
+        "log_hazard_ratio": round(log_hazard_ratio(case.status), 4),
+        "_available": list(case.available), "_known": list(case.known), "_survival_known": case.survival_known,
     }
 
 
@@ -430,6 +451,8 @@ def _site_summary(role: str, profile: SiteProfile, records: list[dict[str, Any]]
         "sequences": {s: sum(s in r["_available"] for r in records) for s in SEQUENCES},
         "segmentation_count": len(records) if profile.segmentations else 0,
         "labels": labels,
+        "survival": {"known": sum(r["_survival_known"] for r in records),
+                     "events": sum(r[SURVIVAL_EVENT] for r in records if r["_survival_known"])},
         "cases": [r["case_id"] for r in records],
     }
 
@@ -437,9 +460,10 @@ def _site_summary(role: str, profile: SiteProfile, records: list[dict[str, Any]]
 def _write_labels_csv(site_dir: Path, records: list[dict[str, Any]]) -> None:
     with (site_dir / LABELS_CSV).open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(LABELS_CSV_COLUMNS)
+        writer.writerow(LABELS_CSV_COLUMNS + LABELS_CSV_OPTIONAL)
         for r in records:
-            writer.writerow([r["case_id"], *(r[TASK_COLUMNS[t]] if t in r["_known"] else "" for t in TASKS)])
+            survival = [r[SURVIVAL_DAYS], r[SURVIVAL_EVENT]] if r["_survival_known"] else ["", ""]
+            writer.writerow([r["case_id"], *(r[TASK_COLUMNS[t]] if t in r["_known"] else "" for t in TASKS), *survival])
 
 
 def _write_ground_truth(out: Path, records: list[dict[str, Any]]) -> None:

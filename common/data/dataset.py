@@ -10,6 +10,7 @@ key            dtype       item shape            meaning
 ``seg``        int64       (1, S, S, S)          0 bg, 1 NCR, 2 ED, 3 ET; zeros if no seg
 ``has_seg``    bool        ()                    the case has a segmentation
 ``labels``     int64       (len(TASKS),)         class index per task, UNKNOWN_LABEL unknown
+``survival``   float32     (2,)                  (days, event 1/0), event UNKNOWN_LABEL unknown
 ``spacing``    float32     (3,)                  voxel size of the S^3 grid in mm
 ``index``      int64       ()                    position of the case in this dataset
 =============  ==========  ====================  ============================================
@@ -30,9 +31,10 @@ from monai.data import Dataset as MonaiDataset
 from torch.utils.data import Dataset
 
 from common.config import DataConfig
+from common.contract import UNKNOWN_LABEL
 from common.data.cache import PersistentCases
 from common.data.site import SEG_KEY, CaseRecord, SiteIndex, label_matrix, split_cases
-from common.data.transforms import INDEX, LABEL_CONVENTION, LABELS, build_transforms
+from common.data.transforms import INDEX, LABEL_CONVENTION, LABELS, SURVIVAL, build_transforms
 
 
 def case_item(case: CaseRecord, index: int) -> dict[str, Any]:
@@ -42,6 +44,7 @@ def case_item(case: CaseRecord, index: int) -> dict[str, Any]:
         item[SEG_KEY] = str(case.seg)
         item[LABEL_CONVENTION] = case.label_convention
     item[LABELS] = np.asarray(case.labels, dtype=np.int64)
+    item[SURVIVAL] = np.asarray(case.survival if case.survival is not None else (0.0, UNKNOWN_LABEL), dtype=np.float32)
     item[INDEX] = np.asarray(index, dtype=np.int64)  # 0-d array: EnsureTyped leaves numpy scalars alone
     return item
 
@@ -67,7 +70,7 @@ class SiteDataset(Dataset):
         if cache_dir is not None:
             # on disk, across messages and rounds (common.data.cache)
             self.data = PersistentCases(items, self.transform, cache_dir, content_hash=cfg.cache_content_hash,
-                                        volatile=(LABELS, INDEX))
+                                        volatile=(LABELS, SURVIVAL, INDEX))
         elif cfg.cache:
             self.data: MonaiDataset = CacheDataset(
                 items, self.transform, cache_rate=1.0, num_workers=max(cfg.num_workers, 1), progress=False

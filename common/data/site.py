@@ -69,6 +69,8 @@ from common.contract import (
     RESECTION_CAVITY,
     SEQUENCES,
     SITE_JSON,
+    SURVIVAL_DAYS,
+    SURVIVAL_EVENT,
     TASK_CLASSES,
     TASK_COLUMNS,
     TASKS,
@@ -148,6 +150,7 @@ class Category(StrEnum):
     SEG_VALUES = "bad segmentation values"
     LABEL_CONVENTION = "label convention"
     UNKNOWN_LABEL = "unknown label"
+    BAD_SURVIVAL = "bad survival value"
     NO_LABEL_ROW = "no labels.csv row"
     NO_FOLDER = "no case folder"
 
@@ -160,7 +163,8 @@ class CaseRecord:
     one class index per TASKS entry, UNKNOWN_LABEL where labels.csv left it empty;
     ``label_convention`` (a :data:`LABEL_CONVENTIONS` key) says how the segmentation's values map to
     internal labels on load (declared by the site, or implied by the naming and checked against the
-    values; see the module docstring).
+    values; see the module docstring); ``survival`` is (days, event: 1 death observed, 0
+    censored) from labels.csv's optional columns, None when unknown.
     """
 
     case_id: str
@@ -170,6 +174,7 @@ class CaseRecord:
     labels: tuple[int, ...]
     naming: str
     label_convention: str | None = None
+    survival: tuple[float, int] | None = None
 
     @property
     def available(self) -> tuple[bool, ...]:
@@ -228,6 +233,11 @@ class SiteIndex:
         counts = self.rejection_counts()
         return text + (": " + ", ".join(f"{n} {category}" for category, n in counts.items()) if counts else "")
 
+    def survival_counts(self) -> dict[str, int]:
+        """Usable cases with a known survival, and how many of them died (the others are censored)."""
+        known = [c.survival for c in self.cases if c.survival is not None]
+        return {"known": len(known), "events": sum(event for _, event in known), "unknown": len(self.cases) - len(known)}
+
     def label_counts(self) -> dict[str, dict[str, int]]:
         """Per task, the number of usable cases per class name and ``"unknown"``."""
         out: dict[str, dict[str, int]] = {}
@@ -260,6 +270,7 @@ class SiteIndex:
             "sequences": self.sequence_counts(),
             "patterns": self.pattern_counts(),
             "labels": self.label_counts(),
+            "survival": self.survival_counts(),
             "segmentations": self.n_seg,
             "label_convention": {
                 "declared": self.label_convention,
@@ -309,14 +320,40 @@ def parse_label(task: str, raw: str) -> int:
     return classes.index(value)
 
 
+def parse_survival(days: str, event: str) -> tuple[float, int] | None:
+    """``("412", "1") -> (412.0, 1)``: survival in days and the event (1 death, 0 censored); None
+    when both are empty.
+
+    Raises ValueError saying what is wrong: only one of the two given, days not a finite number or
+    negative, an event other than 0 or 1.
+    """
+    days, event = days.strip(), event.strip()
+    if not days and not event:
+        return None
+    if not days or not event:
+        raise ValueError(f"{SURVIVAL_DAYS}={days!r} and {SURVIVAL_EVENT}={event!r}: give both or leave both empty")
+    try:
+        value = float(days)
+    except ValueError:
+        raise ValueError(f"{SURVIVAL_DAYS} {days!r} is not a number of days") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{SURVIVAL_DAYS} {days!r} must be a finite number of days >= 0")
+    if event not in ("0", "1"):
+        raise ValueError(f"{SURVIVAL_EVENT} {event!r} must be 1 (death observed) or 0 (censored, alive at last follow-up)")
+    return value, int(event)
+
+
 @dataclass(frozen=True)
 class LabelRow:
-    """One labels.csv row: the case, its line number, parsed labels and any unknown values."""
+    """One labels.csv row: the case, its line number, parsed labels and survival, and what was
+    wrong with its values (``problems``: labels; ``survival_problems``: the survival columns)."""
 
     case_id: str
     line: int
     labels: tuple[int, ...]
     problems: tuple[str, ...] = ()
+    survival: tuple[float, int] | None = None
+    survival_problems: tuple[str, ...] = ()
 
 
 def _csv_error(path: Path, line: int | None, what: str, fix: str) -> LabelsCsvError:
@@ -334,7 +371,8 @@ def read_labels_csv(path: Path | str) -> dict[str, LabelRow]:
     :class:`LabelsCsvError` naming the file, line and fix when the file is missing or unreadable,
     lacks a required column, has a row of the wrong width or without case_id, or lists a case twice.
     Unknown label values do not raise: they are returned in :attr:`LabelRow.problems` so that only
-    that case is rejected.
+    that case is rejected; likewise bad survival values (optional columns ``survival_days`` and
+    ``event``, :func:`parse_survival`) in :attr:`LabelRow.survival_problems`.
     """
     path = Path(path)
     if not path.is_file():
@@ -411,7 +449,12 @@ def read_labels_csv(path: Path | str) -> dict[str, LabelRow]:
                     f"{LABELS_CSV} line {line}, column {column}: unknown value {values[column]!r} "
                     f"(allowed: {', '.join(allowed_values(task))}, or empty for unknown)"
                 )
-        out[case_id] = LabelRow(case_id, line, tuple(labels), tuple(problems))
+        survival, survival_problems = None, []
+        try:
+            survival = parse_survival(values.get(SURVIVAL_DAYS, ""), values.get(SURVIVAL_EVENT, ""))
+        except ValueError as exc:
+            survival_problems.append(f"{LABELS_CSV} line {line}: {exc}")
+        out[case_id] = LabelRow(case_id, line, tuple(labels), tuple(problems), survival, tuple(survival_problems))
     return out
 
 
@@ -1041,6 +1084,10 @@ def scan_site(
         else:
             problems += [Problem(csv_path, p, f"correct {LABELS_CSV} line {row.line} or leave the value empty "
                                  "to mark the label unknown", Category.UNKNOWN_LABEL) for p in row.problems]
+            problems += [Problem(csv_path, p, f"correct {LABELS_CSV} line {row.line}: {SURVIVAL_DAYS} is the time from "
+                                 f"diagnosis to death or last follow-up in days, {SURVIVAL_EVENT} 1 if death was observed "
+                                 "and 0 if censored; leave both empty when unknown", Category.BAD_SURVIVAL)
+                         for p in row.survival_problems]
         content, convention = None, declared
         if found.images and not external:  # data from outside the site is not read
             if validation_cache is not None:
@@ -1059,6 +1106,7 @@ def scan_site(
         index.cases.append(CaseRecord(
             case_id=case_id, folder=folder, images=found.images, seg=found.seg,
             labels=row.labels, naming=found.naming, label_convention=convention or NAMING_CONVENTION[found.naming],
+            survival=row.survival,
         ))
         if content is not None and convention == "brats2024-post" and RESECTION_CAVITY in content.values:
             index.cavity_ml[case_id] = round(content.volume_ml(RESECTION_CAVITY), 3)

@@ -2,7 +2,7 @@
 
 Input dict (built by :mod:`common.data.dataset` from a :class:`common.data.site.CaseRecord`): one key per
 *available* sequence (``"t1"``, ``"t1ce"``, ``"t2"``, ``"flair"``) and optionally ``"seg"``, each a
-NIfTI path, plus ``"labels"`` (len(TASKS),) and ``"index"``; with ``"seg"`` also
+NIfTI path, plus ``"labels"`` (len(TASKS),), ``"survival"`` (2,) and ``"index"``; with ``"seg"`` also
 ``"label_convention"`` (a :data:`common.contract.LABEL_CONVENTIONS` key).
 
 Output dict (exactly these keys):
@@ -14,6 +14,7 @@ Output dict (exactly these keys):
   convention: brats2021 4 -> 3, brats2024-post resection cavity 4 -> 0); zeros when absent
 * ``has_seg``   bool ()
 * ``labels``    int64 (len(TASKS),), UNKNOWN_LABEL where unknown
+* ``survival``  float32 (2,): (days, event) with event 1 death, 0 censored, UNKNOWN_LABEL unknown
 * ``spacing``   float32 (3,), voxel size in mm of the S^3 network grid (for HD95 in mm)
 * ``index``     int64 ()
 
@@ -52,13 +53,13 @@ from monai.transforms import (
 
 from common.contract import LABEL_CONVENTIONS, SEQUENCES
 
-IMAGE, SEG, AVAILABLE, HAS_SEG, LABELS, SPACING, INDEX = (
-    "image", "seg", "available", "has_seg", "labels", "spacing", "index",
+IMAGE, SEG, AVAILABLE, HAS_SEG, LABELS, SURVIVAL, SPACING, INDEX = (
+    "image", "seg", "available", "has_seg", "labels", "survival", "spacing", "index",
 )
 #: Input key naming the case's segmentation label convention (consumed by :class:`MapSegLabelsd`).
 LABEL_CONVENTION = "label_convention"
 #: The keys of every item and batch, in a fixed order.
-ITEM_KEYS: tuple[str, ...] = (IMAGE, AVAILABLE, SEG, HAS_SEG, LABELS, SPACING, INDEX)
+ITEM_KEYS: tuple[str, ...] = (IMAGE, AVAILABLE, SEG, HAS_SEG, LABELS, SURVIVAL, SPACING, INDEX)
 
 
 def nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +203,8 @@ def build_transforms(size: int, train: bool) -> Compose:
             RandStdShiftIntensityd(keys=IMAGE, factors=0.1, prob=0.5, nonzero=True, channel_wise=True),
         ]
     steps += [
-        EnsureTyped(keys=(IMAGE, SEG, LABELS, INDEX), dtype=(torch.float32, torch.int64, torch.int64, torch.int64),
+        EnsureTyped(keys=(IMAGE, SEG, LABELS, SURVIVAL, INDEX),
+                    dtype=(torch.float32, torch.int64, torch.int64, torch.float32, torch.int64),
                     track_meta=False),
         SelectItemsd(keys=ITEM_KEYS),
     ]

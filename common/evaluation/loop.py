@@ -7,7 +7,7 @@ MC-dropout); nothing per case leaves this function.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -31,12 +31,14 @@ def evaluate(
     desc: str = "eval",
     calibration: Calibration | None = None,
     calibration_stats: bool = False,
-) -> dict[str, float | list[float]]:
+    survival_curves: bool = False,
+) -> dict[str, Any]:
     """Segmentation and classification metrics of ``model`` over every batch of ``loader``.
 
     Args:
         model: ``model(image (B, 4, S, S, S), available (B, 4) bool, spacing (B, 3) mm)`` returning an object with
-            ``seg_logits`` (B, 4, S, S, S) and ``cls_logits`` ``{task: (B, 2)}``. It is moved to
+            ``seg_logits`` (B, 4, S, S, S), ``cls_logits`` ``{task: (B, 2)}`` and, optionally,
+            ``risk`` (B,) (a survival head's log hazard ratio; absent or None: no C-index). It is moved to
             ``device`` and put in eval mode; every module's train/eval flag is restored afterwards.
         loader: batches (dicts) with ``image``, ``available``, ``seg`` (B, 1, S, S, S) int64,
             ``has_seg`` (B,), ``labels`` (B, 4) int64 (-1 unknown) and ``spacing`` (B, 3) mm.
@@ -49,10 +51,12 @@ def evaluate(
             splits (deterministic probabilities only); None = raw softmax, threshold 0.5.
         calibration_stats: add the ``cal_*`` statistics a site sends for fitting a calibration
             (list values; :mod:`common.evaluation.calibration`).
+        survival_curves: add ``km_risk_groups``, the Kaplan-Meier curves of the predicted
+            low/high-risk halves (a dict; None without a survival head or known survival).
 
     Returns:
         ``{key: float}`` with every key of ``METRIC_KEYS`` (NaN where undefined), in that order,
-        then the ``cal_*`` lists when asked.
+        then the ``cal_*`` lists and ``km_risk_groups`` when asked.
     """
     if mc_passes < 0 or mc_passes == 1:
         raise ValueError(f"mc_passes must be 0 (deterministic) or >= 2 MC-dropout passes, got {mc_passes}")
@@ -82,13 +86,16 @@ def evaluate(
                     probs = {task: _two_class(calibration.probability(task, z.cpu().numpy())) for task, z in diffs.items()}
                 else:
                     probs = {task: torch.softmax(logits.float(), dim=-1) for task, logits in output.cls_logits.items()}
-                accumulator.add(seg_pred, batch["seg"], batch["has_seg"], batch["spacing"], probs, batch["labels"], diffs)
+                accumulator.add(seg_pred, batch["seg"], batch["has_seg"], batch["spacing"], probs, batch["labels"], diffs,
+                                risk=getattr(output, "risk", None), survival=batch.get("survival"))
     finally:
         for module, mode in modes.items():
             module.training = mode
-    metrics: dict[str, float | list[float]] = dict(accumulator.compute())
+    metrics: dict[str, Any] = dict(accumulator.compute())
     if calibration_stats:
         metrics.update(accumulator.calibration_statistics())
+    if survival_curves:
+        metrics["km_risk_groups"] = accumulator.survival_curves()
     if mc_passes:
         n = max(accumulator.n_cases, 1)
         metrics.update({f"unc_{task}": uncertainty_sums[task] / n for task in TASKS})

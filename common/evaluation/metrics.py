@@ -6,6 +6,8 @@
   and HD95 (:func:`lesion_wise_scores`, :mod:`common.evaluation.lesions`).
 * Classification (per molecular task, positive class = index 1 of ``TASK_CLASSES[task]``): AUC,
   accuracy, sensitivity, specificity, F1 (scikit-learn) and the expected calibration error.
+* Survival (with a survival head): Harrell's C-index of the predicted risk, and on request the
+  Kaplan-Meier curves of the predicted low/high-risk halves (:mod:`common.evaluation.survival`).
 * :class:`MetricAccumulator` collects batches and returns exactly the scalar keys of
   :data:`common.contract.METRIC_KEYS`; per-case values never leave it.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ from common.contract import (
 )
 from common.evaluation.calibration import statistics_metrics, task_statistics
 from common.evaluation.lesions import lesion_scores
+from common.evaluation.survival import concordance_index, risk_group_curves
 
 #: HD95 (mm) assigned when exactly one of prediction / reference is empty for a region: the
 #: BraTS challenge penalty (the diagonal of the 240x240x155 1 mm BraTS volume, 373.13 mm).
@@ -249,6 +252,8 @@ class MetricAccumulator:
         self._prob: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
         self._logit: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
         self._labels: list[np.ndarray] = []
+        self._risk: list[np.ndarray] = []
+        self._survival: list[np.ndarray] = []
         self._n_cases = 0
 
     def add(
@@ -260,6 +265,8 @@ class MetricAccumulator:
         cls_probs: Mapping[str, torch.Tensor],
         labels: torch.Tensor,
         logit_diff: Mapping[str, torch.Tensor] | None = None,
+        risk: torch.Tensor | None = None,
+        survival: torch.Tensor | None = None,
     ) -> None:
         """Add one batch of B cases.
 
@@ -272,6 +279,9 @@ class MetricAccumulator:
             labels: (B, len(TASKS)) int, columns in ``TASKS`` order, ``UNKNOWN_LABEL`` unknown.
             logit_diff: ``{task: (B,)}`` raw logit differences ``z = logit_1 - logit_0`` (for the
                 logit statistics and the calibration statistics), or None.
+            risk: (B,) predicted log hazard ratio (the survival head's), or None.
+            survival: (B, 2) (days, event) with event ``UNKNOWN_LABEL`` where unknown; needed with
+                ``risk``.
         """
         labels_np = labels.detach().cpu().numpy().astype(np.int64)
         batch = labels_np.shape[0]
@@ -289,6 +299,9 @@ class MetricAccumulator:
                 self._logit[task].append(logit_diff[task].detach().float().cpu().reshape(-1).numpy().astype(np.float64))
         self._labels.append(labels_np)
         self._n_cases += batch
+        if risk is not None and survival is not None:
+            self._risk.append(risk.detach().float().cpu().reshape(-1).numpy().astype(np.float64))
+            self._survival.append(survival.detach().float().cpu().reshape(-1, 2).numpy().astype(np.float64))
 
         has_seg = torch.as_tensor(has_seg).bool().reshape(-1).cpu()
         if seg_pred is None or not bool(has_seg.any()):
@@ -316,8 +329,21 @@ class MetricAccumulator:
             logits = np.concatenate(self._logit[task]) if self._logit[task] else None
             scores = classification_scores(probs, labels[:, t], self.thresholds[task], self.ece_bins, logits)
             out.update({f"{name}_{task}": value for name, value in scores.items()})
+        risk, survival = self._risk_and_survival()
+        out["cindex"] = concordance_index(risk, survival)
+        out["n_survival"] = float(np.count_nonzero(survival[:, 1] != UNKNOWN_LABEL))
         out["n_cases"] = float(self._n_cases)
         return {key: out[key] for key in METRIC_KEYS}
+
+    def _risk_and_survival(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._risk:
+            return np.empty(0), np.empty((0, 2))
+        return np.concatenate(self._risk), np.concatenate(self._survival)
+
+    def survival_curves(self) -> dict[str, Any] | None:
+        """Kaplan-Meier curves of the low/high predicted-risk halves (aggregate step functions,
+        :func:`common.evaluation.survival.risk_group_curves`); None without risks or survival."""
+        return risk_group_curves(*self._risk_and_survival())
 
     def _label_matrix(self) -> np.ndarray:
         return np.concatenate(self._labels) if self._labels else np.empty((0, len(TASKS)), dtype=np.int64)

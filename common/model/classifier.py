@@ -10,7 +10,9 @@ scanner differences (gamma, noise, slice thickness) reach the heads as much as t
 stays selectable (``model.classifier_pooling=global``) for the ablation.
 
 Both return ``{task: (B, 2)}`` logits and keep their dropout in ``nn.Dropout`` layers, so
-MC-dropout (:mod:`common.evaluation.uncertainty`) switches them on.
+MC-dropout (:mod:`common.evaluation.uncertainty`) switches them on. With ``survival=True`` they also
+hold a :class:`SurvivalHead` (``classifier.survival``, federated with the classifier's shared
+weights) whose log hazard ratio :meth:`_Heads.predict` returns beside the logits.
 """
 
 from __future__ import annotations
@@ -103,6 +105,26 @@ def region_pool(features: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     return torch.cat([pooled.flatten(1), flat.mean(-1)], dim=1)
 
 
+class SurvivalHead(nn.Module):
+    """Log hazard ratio (B,) from the classifier's shared trunk (B, hidden), plus a linear path from
+    the segmentation descriptors (B, direct) when ``direct`` > 0.
+
+    Trained with the Cox partial likelihood (:class:`client.losses.MultiTaskLoss`), which a
+    constant shift of every risk leaves unchanged: the direct path has no bias.
+    """
+
+    def __init__(self, hidden: int, direct: int = 0) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(hidden, HEAD_HIDDEN), nn.LeakyReLU(0.01), nn.Linear(HEAD_HIDDEN, 1))
+        self.direct = nn.Linear(direct, 1, bias=False) if direct else None
+
+    def forward(self, shared: torch.Tensor, direct: torch.Tensor | None = None) -> torch.Tensor:
+        risk = self.head(shared)
+        if self.direct is not None and direct is not None:
+            risk = risk + self.direct(direct)
+        return risk.squeeze(1)
+
+
 class _Heads(nn.Module):
     """Dropout, a shared MLP trunk, then one small head per task (``heads.<task>`` -> (B, 2)).
 
@@ -110,10 +132,13 @@ class _Heads(nn.Module):
     can average it over the sites that have labels for that task. With ``direct`` extra inputs
     (the segmentation descriptors) each head also gets a linear path from them to its logits
     (``direct.<task>``), so the network can do at least what a logistic regression on the
-    descriptors does.
+    descriptors does. ``survival`` adds a :class:`SurvivalHead` on the same trunk (and descriptors).
     """
 
-    def __init__(self, in_features: int, hidden: int, tasks: Sequence[str], dropout: float, direct: int = 0) -> None:
+    def __init__(
+        self, in_features: int, hidden: int, tasks: Sequence[str], dropout: float, direct: int = 0,
+        survival: bool = False,
+    ) -> None:
         super().__init__()
         self.direct = nn.ModuleDict({task: nn.Linear(direct, 2) for task in tasks}) if direct else None
         self.trunk = nn.Sequential(
@@ -128,33 +153,60 @@ class _Heads(nn.Module):
                 for task in tasks
             }
         )
+        self.survival = SurvivalHead(hidden, direct) if survival else None
 
-    def forward(self, features: torch.Tensor, direct: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def heads_forward(
+        self, features: torch.Tensor, direct: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """``{task: (B, 2)}`` logits and the (B,) log hazard ratio (None without a survival head)."""
         shared = self.trunk(features)
         logits = {task: head(shared) for task, head in self.heads.items()}
         if self.direct is not None and direct is not None:
             logits = {task: z + self.direct[task](direct) for task, z in logits.items()}
-        return logits
+        return logits, (self.survival(shared, direct) if self.survival is not None else None)
+
+    def predict(
+        self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None = None,
+        spacing: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Logits per task and log hazard ratio (or None) from the feature maps (see ``forward``)."""
+        return self.heads_forward(*self.inputs(maps, seg_logits, brain, spacing))
+
+    def inputs(
+        self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None,
+        spacing: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(trunk input (B, F), direct input (B, D) or None) of a subclass's pooling."""
+        raise NotImplementedError
+
+    def forward(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None = None,
+                spacing: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``maps`` (B, C_i, n_i^3); ``seg_logits`` (B, 4, N^3); ``brain`` (B, N^3) bool or None;
+        ``spacing`` (B, 3) mm or None -> ``{task: (B, 2)}``."""
+        return self.predict(maps, seg_logits, brain, spacing)[0]
 
 
 class GlobalPoolClassifier(_Heads):
     """MTTU-Net's multi-scale classifier: ``concat(GAP(F), GMP(F))`` of each feature map.
 
-    ``in_channels``: channels of each pooled feature map; ``hidden``, ``tasks``, ``dropout``: the
-    trunk's width, the tasks (one head each) and the dropout probability (:class:`_Heads`).
+    ``in_channels``: channels of each pooled feature map; ``hidden``, ``tasks``, ``dropout``,
+    ``survival``: the trunk's width, the tasks (one head each), the dropout probability and the
+    survival head (:class:`_Heads`).
     """
 
-    def __init__(self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float) -> None:
-        super().__init__(2 * sum(in_channels), hidden, tasks, dropout)
+    def __init__(
+        self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float, survival: bool = False
+    ) -> None:
+        super().__init__(2 * sum(in_channels), hidden, tasks, dropout, survival=survival)
 
-    def forward(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None = None,
-                spacing: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def inputs(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None,
+               spacing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``maps``: feature maps (B, C_i, ...); the other arguments are unused here."""
         pooled = []
         for m in maps:
             pooled.append(F.adaptive_avg_pool3d(m, 1).flatten(1))
             pooled.append(F.adaptive_max_pool3d(m, 1).flatten(1))
-        return super().forward(torch.cat(pooled, dim=1))
+        return torch.cat(pooled, dim=1), None
 
 
 class TumorAwareClassifier(_Heads):
@@ -165,22 +217,23 @@ class TumorAwareClassifier(_Heads):
     for :class:`GlobalPoolClassifier`.
     """
 
-    def __init__(self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float) -> None:
+    def __init__(
+        self, in_channels: Sequence[int], hidden: int, tasks: Sequence[str], dropout: float, survival: bool = False
+    ) -> None:
         pooled = sum(in_channels) * (len(POOL_REGIONS) + 1)
-        super().__init__(pooled + len(DESCRIPTORS), hidden, tasks, dropout, direct=len(DESCRIPTORS))
+        super().__init__(pooled + len(DESCRIPTORS), hidden, tasks, dropout, direct=len(DESCRIPTORS), survival=survival)
         centre, scale = zip(*(DESCRIPTOR_SCALE[d] for d in DESCRIPTORS))
         self.register_buffer("descriptor_centre", torch.tensor(centre), persistent=False)
         self.register_buffer("descriptor_scale", torch.tensor(scale), persistent=False)
 
-    def forward(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None = None,
-                spacing: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``maps`` (B, C_i, n_i^3); ``seg_logits`` (B, 4, N^3); ``brain`` (B, N^3) bool or None;
-        ``spacing`` (B, 3) mm or None -> ``{task: (B, 2)}``."""
+    def inputs(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None,
+               spacing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Region-pooled maps and the scaled descriptors, and the descriptors again (direct path)."""
         seg_logits = seg_logits.detach()
         regions = region_probabilities(seg_logits)
         pooled = [region_pool(m.float(), regions) for m in maps]
         descriptors = (tumor_descriptors(regions, brain, spacing) - self.descriptor_centre) / self.descriptor_scale
-        return super().forward(torch.cat([*pooled, descriptors], dim=1), descriptors)
+        return torch.cat([*pooled, descriptors], dim=1), descriptors
 
 
 CLASSIFIERS = {"tumor": TumorAwareClassifier, "global": GlobalPoolClassifier}

@@ -14,7 +14,8 @@ Data flow for a batch of B cases, S sequences, cubic volumes of side N (``img_si
                                                              tumor regions + descriptors of the
                                                              predicted segmentation (or GAP+GMP),
                                                              MLP, one head per task; nn.Dropout
-                                                             for MC-dropout
+                                                             for MC-dropout; [risk (B,): log hazard
+                                                             ratio of the survival head]
       task_weighting       -> learned log-variances (used by client.losses.MultiTaskLoss)
 
 Normalisation is instance norm with affine parameters throughout: batch statistics would be
@@ -33,7 +34,7 @@ from monai.networks.blocks.segresnet_block import ResBlock
 from torch import nn
 
 from common.config import CLASSIFIER_POOLINGS, FUSIONS, ModelConfig, choice_error
-from common.contract import PARAM_GROUPS, SEG_TERM, SEQUENCES, TASKS
+from common.contract import PARAM_GROUPS, SEG_TERM, SEQUENCES, SURVIVAL_TERM, TASKS
 from common.model.classifier import CLASSIFIERS, scale_gradient
 from common.model.fusion import build_fusion
 from common.model.imputation import CrossSequenceImputer
@@ -55,11 +56,13 @@ class GliomaOutput:
         seg_logits: (B, K, D, H, W) segmentation logits (K = 4: background, NCR, ED, ET).
         cls_logits: {task: (B, 2)} classification logits, class order of ``TASK_CLASSES``.
         aux: extra tensors, e.g. ``imputation_gate`` when the imputer is on.
+        risk: (B,) log hazard ratio of the survival head (higher = shorter survival); None without one.
     """
 
     seg_logits: torch.Tensor
     cls_logits: dict[str, torch.Tensor]
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    risk: torch.Tensor | None = None
 
 
 @dataclass
@@ -271,6 +274,8 @@ class MultiTaskGliomaNet(nn.Module):
             (1 = unchanged, 0 = the encoder learns from segmentation only).
         num_seg_classes: segmentation classes K (background, NCR, ED, ET).
         tasks: classification tasks, one head each.
+        survival: add a survival head (Cox log hazard ratio, ``classifier.survival``) and its
+            uncertainty weight.
     """
 
     def __init__(
@@ -291,6 +296,7 @@ class MultiTaskGliomaNet(nn.Module):
         cls_encoder_grad: float = 1.0,
         num_seg_classes: int = 4,
         tasks: Sequence[str] = TASKS,
+        survival: bool = False,
     ) -> None:
         super().__init__()
         tasks = tuple(tasks)
@@ -331,8 +337,11 @@ class MultiTaskGliomaNet(nn.Module):
         self.decoder = SegmentationDecoder(widths, d_model, num_seg_classes)
         # MTTU-Net pools levels 4 and 5; here the 1/4 level (F3) and the transformer output (F5),
         # so that the two pooled scales really differ (F4 and F5 share the 1/8 grid).
-        self.classifier = CLASSIFIERS[classifier_pooling]([widths[2], d_model], classifier_hidden, tasks, dropout)
-        self.task_weighting = UncertaintyWeighting((SEG_TERM, *tasks))
+        self.classifier = CLASSIFIERS[classifier_pooling](
+            [widths[2], d_model], classifier_hidden, tasks, dropout, survival=survival
+        )
+        self.survival = survival
+        self.task_weighting = UncertaintyWeighting((SEG_TERM, *tasks, *((SURVIVAL_TERM,) if survival else ())))
 
     # ---------------------------------------------------------------- checks
     def _check_inputs(self, image: torch.Tensor, available: torch.Tensor) -> None:
@@ -403,11 +412,25 @@ class MultiTaskGliomaNet(nn.Module):
         encoded = self.encoder(fused)
         seg_logits = self.decoder(encoded)
         maps = [scale_gradient(m, self.cls_encoder_grad) for m in (encoded.levels[2], encoded.bottleneck)]
-        return GliomaOutput(
-            seg_logits=seg_logits,
-            cls_logits=self.classifier(maps, seg_logits, brain, spacing),
-            aux=aux,
-        )
+        cls_logits, risk = self.classifier.predict(maps, seg_logits, brain, spacing)
+        return GliomaOutput(seg_logits=seg_logits, cls_logits=cls_logits, aux=aux, risk=risk)
+
+    def classifier_inputs(
+        self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What :meth:`forward` hands the classifier: (feature maps, segmentation logits, brain
+        mask, spacing); ``self.classifier.predict(*inputs)`` then gives its output. MC-dropout runs
+        only that last part again when the layers before it have no dropout
+        (:func:`common.evaluation.uncertainty.mc_dropout_predict`)."""
+        features = self.encode_sequences(image, available)
+        brain = (image != 0).any(dim=1)
+        available = available.bool()
+        if self.imputation:
+            features = self.imputer(features, available).features
+            available = torch.ones_like(available)
+        encoded = self.encoder(self.fusion(features, available))
+        seg_logits = self.decoder(encoded)
+        return [encoded.levels[2], encoded.bottleneck], seg_logits, brain, spacing
 
     def forward(
         self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None = None
@@ -439,11 +462,6 @@ def build_model(cfg: ModelConfig, img_size: int, *, seed: int | None = None) -> 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_model(cfg, img_size)
-    if cfg.survival_head:
-        raise ValueError(
-            "model.survival_head=true is not supported by MultiTaskGliomaNet (no survival head is "
-            "implemented); set model.survival_head=false"
-        )
     return MultiTaskGliomaNet(
         img_size=img_size,
         stem_channels=cfg.stem_channels,
@@ -458,4 +476,5 @@ def build_model(cfg: ModelConfig, img_size: int, *, seed: int | None = None) -> 
         classifier_hidden=cfg.classifier_hidden,
         classifier_pooling=cfg.classifier_pooling,
         cls_encoder_grad=cfg.cls_encoder_grad,
+        survival=cfg.survival_head,
     )

@@ -115,3 +115,13 @@ def test_code_changes_invalidate_the_validation_cache(site_dir: Path, tmp_path: 
     monkeypatch.setattr(cache_module, "_CODE", "another-version")
     _, cache = scan(site_dir, tmp_path / "cache")
     assert cache.hits == 0
+
+
+def test_survival_is_read_fresh_like_the_labels(site_dir: Path, tmp_path: Path) -> None:
+    cfg = compose(["+experiment=tiny", "data.size=16"]).data
+    cases = scan_site(site_dir).cases[:2]
+    folder = tmp_path / "pre"
+    list(make_loader(cases, cfg, train=False, cache_dir=folder))
+    followed = [type(c)(**{**c.__dict__, "survival": (100.0 * (i + 1), 1)}) for i, c in enumerate(cases)]
+    batch = next(iter(make_loader(followed, cfg, train=False, cache_dir=folder)))
+    assert batch["survival"].tolist() == [[100.0, 1.0], [200.0, 1.0]]

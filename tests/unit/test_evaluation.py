@@ -223,3 +223,59 @@ def test_drop_sequences_zero_fills_and_clears_availability():
     assert batch["image"].min() == 1 and bool(batch["available"].all())  # the input is untouched
     with pytest.raises(ValueError, match="unknown sequence"):
         list(drop_sequences([batch], ["dwi"]))
+
+
+def test_mc_passes_rerun_only_the_classifier_and_give_the_same_samples() -> None:
+    """With dropout only in the classifier, the stems/encoder/decoder run once per batch; the
+    dropout masks come in the same order, so the result equals T full passes exactly."""
+    from common.config import compose
+    from common.evaluation.uncertainty import mc_dropout_predict, only_head_drops
+    from common.model import build_model
+
+    cfg = compose(["+experiment=tiny"])
+    model = build_model(cfg.model, 16, seed=0)
+    assert only_head_drops(model)
+    image = torch.randn(2, 4, 16, 16, 16)
+    available = torch.ones(2, 4, dtype=torch.bool)
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(3)
+    fast = mc_dropout_predict(model, image, available, passes=5)
+    assert len(calls) == 1
+    hook.remove()
+    from unittest import mock
+
+    with mock.patch("common.evaluation.uncertainty.only_head_drops", return_value=False):  # 5 whole passes
+        torch.manual_seed(3)
+        slow = mc_dropout_predict(model, image, available, passes=5)
+    for task in fast[0]:
+        assert torch.allclose(fast[0][task], slow[0][task], atol=1e-6)
+        assert torch.allclose(fast[1][task], slow[1][task], atol=1e-6)
+    assert any(float(s.max()) > 0 for s in fast[1].values())  # the passes do differ
+    model.encoder.feature_dropout = nn.Dropout3d(0.1)  # dropout before the classifier: whole passes again
+    assert not only_head_drops(model)
+
+
+def test_evaluate_scores_the_survival_head_and_draws_risk_group_curves() -> None:
+    """A risk that orders the deaths exactly: C-index 1; unknown survival is skipped; the
+    high-risk half's curve falls first."""
+    class WithRisk(FakeGliomaNet):
+        def forward(self, image, available, spacing=None):
+            out = super().forward(image, available)
+            out.risk = image[:, 2].mean(dim=(1, 2, 3))
+            return out
+
+    loader = oracle_loader()
+    for batch, risks, survival in zip(loader, ([3.0, 2.0], [1.0, 0.0]), ([[100, 1], [300, 1]], [[50, UNKNOWN_LABEL], [900, 0]])):
+        batch["image"][:, 2] = torch.tensor(risks).view(2, 1, 1, 1)
+        batch["survival"] = torch.tensor(survival, dtype=torch.float32)
+
+    metrics = evaluate(WithRisk(oracle=True), loader, survival_curves=True)
+
+    assert metrics["cindex"] == pytest.approx(1.0) and metrics["n_survival"] == 3
+    curves = metrics["km_risk_groups"]
+    assert curves["high"]["n"] == 1 and curves["low"]["n"] == 2  # split at the median risk (2.0)
+    assert curves["high"]["time"] == [0.0, 100.0] and curves["high"]["survival"] == [1.0, 0.0]
+    assert curves["low"]["survival"][-1] == pytest.approx(0.5)  # one death (300 d), one censored (900 d)
+    plain = evaluate(FakeGliomaNet(oracle=True), oracle_loader())
+    assert math.isnan(plain["cindex"]) and "km_risk_groups" not in plain

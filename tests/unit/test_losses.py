@@ -71,7 +71,8 @@ def test_no_label_for_a_task_is_finite_and_other_terms_still_train(model: MultiT
     result.total.backward()
 
     assert torch.isfinite(result.total)
-    assert set(result.terms) == {"seg", "cls_idh", "cls_1p19q", "cls_grade", "cls_mgmt"}
+    assert set(result.terms) == {"seg", "cls_idh", "cls_1p19q", "cls_grade", "cls_mgmt", "survival"}
+    assert result.terms["survival"] == 0.0  # the batch has no survival: the term is left out
     assert result.terms["cls_1p19q"] == 0.0 and result.terms["seg"] > 0 and result.terms["cls_idh"] > 0
     assert _nonzero(_grads(model, "decoder.")) and _nonzero(_grads(model, "classifier.heads.idh."))
     assert not _nonzero(_grads(model, "classifier.heads.1p19q."))
@@ -235,3 +236,60 @@ def test_classification_only_leaves_the_segmentation_term_out() -> None:
     full = MultiTaskLoss()(model(batch["image"], batch["available"]), batch, model.task_weighting)
     only = MultiTaskLoss(segmentation=False)(model(batch["image"], batch["available"]), batch, model.task_weighting)
     assert full.terms["seg"] > 0 and only.terms["seg"] == 0 and "seg" not in only.weighted
+
+
+# ----------------------------------------------------------------------------- survival (Cox)
+def _risk_output(risk: torch.Tensor) -> GliomaOutput:
+    b = risk.shape[0]
+    cls = {t: torch.zeros(b, 2) for t in TASKS}
+    return GliomaOutput(seg_logits=torch.zeros(b, 4, 2, 2, 2), cls_logits=cls, risk=risk)
+
+
+def _survival_batch(survival: list[tuple[float, int]]) -> dict[str, torch.Tensor]:
+    b = len(survival)
+    return {"seg": torch.zeros(b, 1, 2, 2, 2, dtype=torch.int64), "has_seg": torch.zeros(b, dtype=torch.bool),
+            "labels": torch.full((b, len(TASKS)), U), "survival": torch.tensor(survival, dtype=torch.float32)}
+
+
+def test_cox_term_is_masked_where_survival_is_unknown() -> None:
+    weighting = UncertaintyWeighting(("seg", *TASKS, "survival"))
+    loss_fn = MultiTaskLoss()
+    risk = torch.tensor([0.3, -0.2, 5.0], requires_grad=True)
+    batch = _survival_batch([(100.0, 1), (400.0, 0), (50.0, U)])
+
+    result = loss_fn(_risk_output(risk), batch, weighting)
+    result.total.backward()
+
+    assert result.terms["survival"] > 0 and risk.grad[2] == 0  # the unknown case takes no part
+    assert risk.grad[0] < 0 < risk.grad[1]  # the earlier death should rank riskier
+    none = loss_fn(_risk_output(risk), _survival_batch([(100.0, 0), (400.0, 0), (50.0, U)]), weighting)
+    assert none.terms["survival"] == 0.0  # no death among the known cases: nothing to rank
+
+
+def test_cox_loss_decreases_and_learns_the_ranking_on_a_learnable_case() -> None:
+    """A linear risk of one feature that drives survival: the partial likelihood falls and the
+    C-index of the learned risk approaches that of the true risk."""
+    from common.evaluation.survival import concordance_index
+
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    x = torch.randn(n, 1, generator=g)
+    days = torch.distributions.Exponential(torch.exp(1.5 * x[:, 0])).sample() * 365.0
+    event = (torch.rand(n, generator=g) < 0.8).float()
+    survival = torch.stack([days, event], dim=1)
+    head = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(head.weight, -0.5)  # starts with the ranking reversed
+    weighting = UncertaintyWeighting(("seg", *TASKS, "survival"))
+    loss_fn = MultiTaskLoss(task_weighting="equal")
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        result = loss_fn(_risk_output(head(x)[:, 0]), _survival_batch(survival.tolist()), weighting)
+        result.total.backward()
+        optimizer.step()
+        losses.append(float(result.terms["survival"]))
+
+    assert losses[-1] < losses[0] - 0.2
+    learned = concordance_index(head(x)[:, 0].detach().numpy(), survival.numpy())
+    assert learned > 0.7 and learned == pytest.approx(concordance_index(x[:, 0].numpy(), survival.numpy()))

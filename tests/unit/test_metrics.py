@@ -231,3 +231,19 @@ def test_summary_score_mean_of_dice_and_mean_auc() -> None:
     assert summary_score({"dice_wt": 0.6}) == pytest.approx(0.6)
     assert summary_score({"dice_wt": math.nan, "auc_idh": 0.7}) == pytest.approx(0.7)
     assert math.isnan(summary_score({"dice_wt": math.nan}))
+
+
+def test_accumulator_cindex_is_nan_without_a_comparable_pair_and_counts_known_survival() -> None:
+    acc = MetricAccumulator()
+    probs = {t: torch.tensor([[0.5, 0.5], [0.5, 0.5]]) for t in TASKS}
+    labels = torch.full((2, len(TASKS)), UNKNOWN_LABEL)
+    no_seg = torch.zeros(2, dtype=torch.bool)
+    # the death comes after the other case's (censored) time: no pair can be ranked
+    acc.add(None, label_map(batch=2), no_seg, unit_spacing(2), probs, labels,
+            risk=torch.tensor([1.0, 0.0]), survival=torch.tensor([[300.0, 1.0], [100.0, 0.0]]))
+    metrics = acc.compute()
+    assert math.isnan(metrics["cindex"]) and metrics["n_survival"] == 2
+    acc.add(None, label_map(batch=2), no_seg, unit_spacing(2), probs, labels,
+            risk=torch.tensor([2.0, -1.0]), survival=torch.tensor([[50.0, 1.0], [80.0, float(UNKNOWN_LABEL)]]))
+    metrics = acc.compute()
+    assert metrics["n_survival"] == 3 and metrics["cindex"] == pytest.approx(1.0)  # risk 2 died first, 1 next

@@ -13,6 +13,7 @@ from common.contract import PARAM_GROUPS, SEQUENCES, TASKS
 from common.evaluation.uncertainty import mc_dropout
 from common.model import GliomaOutput, MultiTaskGliomaNet, build_model
 from common.model.fusion import Fusion, WeightedFusion, build_fusion
+from common.wire import group_of
 
 SIZE = 16
 SUBSETS = [s for r in range(1, 5) for s in itertools.combinations(range(len(SEQUENCES)), r)]
@@ -121,7 +122,8 @@ def test_parameter_names_follow_param_groups(model: MultiTaskGliomaNet) -> None:
     assert not hasattr(model, "imputer")
     assert len(model.stems) == len(SEQUENCES)
     assert all(any(n.startswith(f"classifier.heads.{t}.") for n in names) for t in TASKS)
-    assert model.task_weighting.names == ("seg", *TASKS)
+    assert model.task_weighting.names == ("seg", *TASKS, "survival")
+    assert any(n.startswith("classifier.survival.") for n in names)  # federated with the classifier
 
 
 def test_mc_dropout_samples_differ_while_eval_is_deterministic(tiny_cfg: ModelConfig) -> None:
@@ -165,8 +167,19 @@ def test_bad_inputs_raise_actionable_errors(model: MultiTaskGliomaNet, tiny_cfg:
         model(torch.zeros(1, 4, 24, 24, 24), _mask((0,)))
     with pytest.raises(ValueError, match="no available MRI sequence"):
         model(_image(2), _mask((0,), ()))
-    with pytest.raises(ValueError, match="survival_head"):
-        build_model(ModelConfig(**{**tiny_cfg.__dict__, "survival_head": True}), SIZE)
+
+
+@pytest.mark.parametrize("survival", [True, False])
+def test_survival_head_gives_one_risk_per_case_or_none(tiny_cfg: ModelConfig, survival: bool) -> None:
+    net = build_model(ModelConfig(**{**tiny_cfg.__dict__, "survival_head": survival}), SIZE, seed=0)
+    out = net(_image(2), _mask((0, 1, 2, 3), (1,)))
+    names = [n for n, _ in net.named_parameters()]
+    if survival:
+        assert out.risk.shape == (2,) and torch.isfinite(out.risk).all()
+        assert {group_of(n) for n in names if ".survival." in n} == {"classifier"}
+    else:
+        assert out.risk is None and not any(".survival." in n for n in names)
+        assert "survival" not in net.task_weighting.names
 
 
 def test_every_parameter_group_gets_gradient(tiny_cfg: ModelConfig) -> None:
@@ -175,7 +188,8 @@ def test_every_parameter_group_gets_gradient(tiny_cfg: ModelConfig) -> None:
     available = _mask((0, 1), (2, 3))
     out = net(_image(2, seed=5), available)
 
-    (out.seg_logits.square().mean() + sum(v.square().mean() for v in out.cls_logits.values())).backward()
+    (out.seg_logits.square().mean() + sum(v.square().mean() for v in out.cls_logits.values())
+     + out.risk.square().mean()).backward()
 
     for group in ("stems", "fusion", "encoder", "decoder", "classifier"):
         grads = [p.grad for n, p in net.named_parameters() if n.startswith(f"{group}.")]

@@ -123,3 +123,26 @@ def test_report_shows_lesion_wise_scores_every_round(tmp_path: Path) -> None:
     lesions = page[page.index("Lesion-wise Dice and HD95 (BraTS 2023+)"):]
     assert re.search(r"<td>2</td>\s*<td>0.750</td>", lesions) and "187" in lesions
     assert (tmp_path / "plots" / "heldout_lesion_dice.png").is_file()
+
+
+def test_report_shows_the_cindex_every_round_and_kaplan_meier_by_predicted_risk(tmp_path: Path) -> None:
+    data = history()
+    for r in data["rounds"]:
+        r["heldout"].update(cindex=0.5 + 0.1 * r["round"], n_survival=30.0)
+    data["rounds"][-1]["heldout"]["km_risk_groups"] = {
+        "threshold": 0.1,
+        "low": {"n": 15, "events": 4, "time": [0.0, 400.0, 900.0], "survival": [1.0, 0.8, 0.7]},
+        "high": {"n": 15, "events": 12, "time": [0.0, 200.0, 350.0], "survival": [1.0, 0.5, 0.2]},
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    page = write_report(tmp_path).read_text()
+    survival = page[page.index("Survival head on the held-out center"):]
+    assert re.search(r"<td>2</td>\s*<td>0.700</td>\s*<td>30</td>", survival)
+    pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
+    assert {"heldout_cindex.png", "heldout_km.png"} <= pngs and 'alt="heldout_km"' in page
+
+
+def test_report_without_survival_has_no_survival_plots(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text(json.dumps(history()))
+    page = write_report(tmp_path).read_text()
+    assert "Survival head" not in page and not (tmp_path / "plots" / "heldout_km.png").exists()

@@ -658,3 +658,42 @@ def test_split_is_stratified_by_known_labels_and_idh() -> None:
 def test_split_sizes_keep_train_and_val_nonempty(n: int, fraction: float, n_val: int) -> None:
     train, val = split_cases(_fake_cases(n), fraction, seed=0)
     assert len(val) == n_val and len(train) == n - n_val >= 1
+
+
+# ------------------------------------------------------------------------------------ survival columns
+def _survival_site(tmp_path: Path, rows: list[tuple[str, str]]) -> Path:
+    site = tmp_path / "site-s"
+    columns = (*LABELS_CSV_COLUMNS, "survival_days", "event")
+    for i in range(len(rows)):
+        write_case(site, f"c{i}")
+    write_labels_csv(site, [(f"c{i}", *ROW, days, event) for i, (days, event) in enumerate(rows)], columns)
+    return site
+
+
+def test_survival_columns_are_parsed_and_counted(tmp_path: Path) -> None:
+    index = scan_site(_survival_site(tmp_path, [("412", "1"), (" 1200.5 ", "0"), ("", ""), ("0", "1")]))
+
+    assert [c.survival for c in index.cases] == [(412.0, 1), (1200.5, 0), None, (0.0, 1)]
+    assert index.survival_counts() == {"known": 3, "events": 2, "unknown": 1}
+    assert scan_site(tmp_path / "site-s").summary()["survival"]["known"] == 3
+
+
+@pytest.mark.parametrize(
+    ("days", "event", "message"),
+    [
+        ("12O", "1", "survival_days '12O' is not a number of days"),
+        ("-3", "1", "survival_days '-3' must be a finite number of days >= 0"),
+        ("nan", "0", "survival_days 'nan' must be a finite number"),
+        ("300", "2", "event '2' must be 1 (death observed) or 0 (censored"),
+        ("300", "", "survival_days='300' and event='': give both or leave both empty"),
+    ],
+    ids=["not-a-number", "negative", "nan", "event-2", "event-missing"],
+)
+def test_bad_survival_values_reject_the_case_naming_file_and_line(tmp_path: Path, days: str, event: str, message: str) -> None:
+    index = scan_site(_survival_site(tmp_path, [("100", "1"), (days, event)]))
+
+    assert [c.case_id for c in index.cases] == ["c0"]
+    (rejection,) = index.rejected
+    assert rejection.category == Category.BAD_SURVIVAL and rejection.path.name == "labels.csv"
+    assert f"labels.csv line 3: {message}" in rejection.reason
+    assert "correct labels.csv line 3" in rejection.fix and "leave both empty" in rejection.fix

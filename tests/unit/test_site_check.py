@@ -45,6 +45,7 @@ def test_good_site_reports_counts(site_dir: Path, capsys: pytest.CaptureFixture[
     assert "usable cases: 6 of 6" in text and "label convention: not declared" in text
     assert "brats2021: 3 segmentation(s) (BraTS 2020/2021: 1 necrotic core, 2 edema, 4 enhancing tumor)" in text
     assert "t2+flair" in text and "unknown 1" in text
+    assert "survival: 0 known (0 deaths, 0 censored), 6 unknown" in text and site["survival"]["unknown"] == 6
 
 
 def test_mixed_site_lists_every_rejection_with_reason_and_fix(

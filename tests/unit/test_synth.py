@@ -11,12 +11,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from common.contract import (
     ALLOWED_SEG_VALUES,
     ED,
     ET,
     LABELS_CSV_COLUMNS,
+    LABELS_CSV_OPTIONAL,
     LEGACY_ET,
     NAMING,
     SEQUENCES,
@@ -36,7 +38,9 @@ from synth.cohort import (
     resolve_preset,
     site_plan,
 )
-from synth.tumor import TumorPhenotype, grow_tumor, sample_phenotype, sample_status
+from common.evaluation.survival import concordance_index, kaplan_meier
+from synth.survival import log_hazard_ratio, sample_survival
+from synth.tumor import MolecularStatus, TumorPhenotype, grow_tumor, sample_phenotype, sample_status
 
 SMALL = dict(sites=2, cases_per_site=3, heldout_cases=3, shape=24)
 
@@ -159,7 +163,7 @@ def test_labels_csv_has_allowed_values_blanks_for_unknown_and_agrees_with_truth(
     truth = {r["case_id"]: r for r in read_csv(cohort_dir / GROUND_TRUTH_CSV)}
     for site, info in cohort["sites"].items():
         path = cohort_dir / site / "labels.csv"
-        assert path.read_text().splitlines()[0] == ",".join(LABELS_CSV_COLUMNS)
+        assert path.read_text().splitlines()[0] == ",".join(LABELS_CSV_COLUMNS + LABELS_CSV_OPTIONAL)
         rows = read_csv(path)
         assert [r["case_id"] for r in rows] == info["cases"]
         for task in TASKS:
@@ -169,8 +173,13 @@ def test_labels_csv_has_allowed_values_blanks_for_unknown_and_agrees_with_truth(
             assert values.count("") == info["labels"][task]["unknown"]
             for row in rows:  # a known label is the true one
                 assert row[column] in ("", truth[row["case_id"]][column])
+        known = [r for r in rows if r["survival_days"]]
+        assert len(known) == info["survival"]["known"]
+        for row in known:  # a known survival is the observed one, an event 0/1
+            assert (row["survival_days"], row["event"]) == (truth[row["case_id"]]["survival_days"],
+                                                             truth[row["case_id"]]["event"])
     heldout_rows = read_csv(cohort_dir / HELDOUT / "labels.csv")
-    assert all(all(r[c] for c in LABELS_CSV_COLUMNS) for r in heldout_rows)  # held-out: every label
+    assert all(all(r[c] for c in LABELS_CSV_COLUMNS + LABELS_CSV_OPTIONAL) for r in heldout_rows)  # held-out: all
 
 
 def test_the_site_loader_accepts_every_generated_case(cohort_dir: Path, cohort: dict) -> None:
@@ -349,3 +358,35 @@ def test_cli_writes_the_cohort_and_prints_a_summary(tmp_path: Path, capsys: pyte
     (tmp_path / "d" / "x").write_text("")
     assert main(["synth", str(tmp_path / "d"), "--shape", "24"]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- survival
+def test_synthetic_survival_follows_grade_and_molecular_status() -> None:
+    """Many patients drawn like the cohort's: the true risk ranks the observed survival (C-index
+    > 0.6), grade 4 dies sooner than grade 2-3, IDH-mutant later than wildtype, and some are censored."""
+    rng = np.random.default_rng(0)
+    statuses = [sample_status(rng, 0.4) for _ in range(2000)]
+    survival = np.asarray([sample_survival(s, rng) for s in statuses])
+    risk = np.asarray([log_hazard_ratio(s) for s in statuses])
+
+    assert concordance_index(risk, survival) > 0.6
+    hgg = np.asarray([s.hgg for s in statuses])
+    grade_only = concordance_index(hgg.astype(float), survival)
+    assert grade_only > 0.6  # grade alone already ranks survival
+    dead = survival[:, 1] == 1
+    assert np.median(survival[dead & hgg, 0]) < np.median(survival[dead & ~hgg, 0])
+    mutant = np.asarray([s.idh_mutant for s in statuses])
+    assert survival[mutant, 1].mean() < survival[~mutant, 1].mean()  # fewer deaths within follow-up
+    assert 0.1 < 1 - dead.mean() < 0.9  # censoring happens, not everywhere
+
+
+def test_reference_group_median_and_hazard_ratios() -> None:
+    gbm = MolecularStatus(idh_mutant=False, codeleted=False, hgg=True, methylated=False)
+    oligo = MolecularStatus(idh_mutant=True, codeleted=True, hgg=False, methylated=True)
+    assert log_hazard_ratio(gbm) == 0.0
+    assert np.exp(log_hazard_ratio(oligo)) == pytest.approx(0.35 * 0.4 * 0.5 * 0.5)
+    rng = np.random.default_rng(1)
+    days, event = torch.tensor([sample_survival(gbm, rng) for _ in range(3000)], dtype=torch.float64).T
+    curve = kaplan_meier(event == 1, days)
+    median = next(t for t, p in zip(curve["time"], curve["survival"]) if p <= 0.5)
+    assert 0.75 < float(event.mean()) < 1.0 and 350 < median < 420  # 12.7 months = 387 days

@@ -231,7 +231,8 @@ def test_training_flips_only_left_right(tmp_path: Path) -> None:
     sides = set()
     for seed in range(16):
         pipeline.set_random_state(seed=seed)
-        out = pipeline({**files, "label_convention": "brats2023", "labels": np.zeros(len(TASKS), np.int64), "index": 0})
+        out = pipeline({**files, "label_convention": "brats2023", "labels": np.zeros(len(TASKS), np.int64),
+                        "survival": np.zeros(2, np.float32), "index": 0})
         centroid = np.argwhere(out["seg"][0].numpy() > 0).mean(0) - (n - 1) / 2
         assert centroid[1] > 0 and centroid[2] > 0, centroid  # still anterior and superior
         sides.add(bool(centroid[0] > 0))
