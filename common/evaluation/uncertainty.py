@@ -51,6 +51,25 @@ def mc_dropout(model: nn.Module) -> Iterator[nn.Module]:
             module.training = mode
 
 
+def drops(module: nn.Module) -> bool:
+    """Whether ``module`` itself drops anything at its current settings (p > 0)."""
+    if isinstance(module, DROPOUT_TYPES):
+        return module.p > 0
+    if isinstance(module, nn.MultiheadAttention):
+        return module.dropout > 0
+    return False
+
+
+def only_head_drops(model: nn.Module) -> bool:
+    """True when every active dropout of ``model`` sits in its ``classifier`` (and the model can
+    hand the classifier its inputs, ``classifier_inputs``)."""
+    classifier = getattr(model, "classifier", None)
+    if classifier is None or not hasattr(model, "classifier_inputs"):
+        return False
+    inside = {id(m) for m in classifier.modules()}
+    return not any(drops(m) for m in model.modules() if id(m) not in inside)
+
+
 def mc_dropout_predict(
     model: nn.Module, image: torch.Tensor, available: torch.Tensor, passes: int = 10,
     *, spacing: torch.Tensor | None = None,
@@ -71,9 +90,16 @@ def mc_dropout_predict(
         raise ValueError(f"mc_dropout_predict needs passes >= 2 to estimate a spread, got {passes}")
     samples: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad(), mc_dropout(model):
-        for _ in range(passes):
-            output = model(image, available, spacing) if spacing is not None else model(image, available)
-            for task, logits in output.cls_logits.items():
+        if only_head_drops(model):
+            # the passes differ only in the classifier's MLP: the stems, encoder, decoder and the
+            # classifier's pooling run once
+            pooled = model.classifier.inputs(*model.classifier_inputs(image, available, spacing))
+            outputs = (model.classifier.heads_forward(*pooled)[0] for _ in range(passes))
+        else:
+            outputs = ((model(image, available, spacing) if spacing is not None else model(image, available)).cls_logits
+                       for _ in range(passes))
+        for cls_logits in outputs:
+            for task, logits in cls_logits.items():
                 samples.setdefault(task, []).append(torch.softmax(logits.float(), dim=-1))
     mean = {task: torch.stack(p).mean(0) for task, p in samples.items()}
     std = {task: torch.stack(p).std(0, correction=0) for task, p in samples.items()}

@@ -7,12 +7,14 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from common.contract import ED, ET, METRIC_KEYS, NCR, TASKS, UNKNOWN_LABEL
 from common.evaluation.loop import evaluate
+from common.evaluation.survival import risk_group_curves
 from common.evaluation.uncertainty import mc_dropout, mc_dropout_predict
 
 S = 16
@@ -279,3 +281,9 @@ def test_evaluate_scores_the_survival_head_and_draws_risk_group_curves() -> None
     assert curves["low"]["survival"][-1] == pytest.approx(0.5)  # one death (300 d), one censored (900 d)
     plain = evaluate(FakeGliomaNet(oracle=True), oracle_loader())
     assert math.isnan(plain["cindex"]) and "km_risk_groups" not in plain
+
+
+def test_risk_group_curves_of_a_group_without_deaths_stay_at_1() -> None:
+    curves = risk_group_curves(np.array([0.0, 1.0, 2.0, 3.0]), np.array([[100, 0], [200, 0], [50, 1], [300, 0]]))
+    assert curves["low"] == {"n": 2, "events": 0, "time": [0.0, 200.0], "survival": [1.0, 1.0]}
+    assert curves["high"]["events"] == 1 and curves["high"]["survival"] == [1.0, 0.5, 0.5]
