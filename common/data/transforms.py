@@ -160,6 +160,12 @@ class RecordSpacingd(MapTransform):
         return d
 
 
+#: How a label map is resized: nearest neighbour at voxel centres, as trilinear samples the image.
+#: torch's legacy "nearest" floors instead, which put the labels up to half a voxel off their images
+#: (a box resized 45 -> 32 voxels: IoU 0.82 with the image's box, 1.0 with "nearest-exact").
+SEG_RESIZE_MODE = "nearest-exact"
+
+
 def build_transforms(size: int, train: bool) -> Compose:
     """Path dict -> network item (see the module docstring for the exact output keys).
 
@@ -183,7 +189,7 @@ def build_transforms(size: int, train: bool) -> Compose:
                         start_coord_key=None, end_coord_key=None),
         # Longest side -> size with the voxel aspect ratio kept (anatomy is not stretched). A label map is
         # only ever resampled with nearest neighbour.
-        Resized(keys=spatial, spatial_size=size, size_mode="longest", mode=("trilinear", "nearest"),
+        Resized(keys=spatial, spatial_size=size, size_mode="longest", mode=("trilinear", SEG_RESIZE_MODE),
                 align_corners=(False, None), anti_aliasing=(True, False)),
         ResizeWithPadOrCropd(keys=spatial, spatial_size=(size, size, size)),
         NormalizeIntensityd(keys=IMAGE, nonzero=True, channel_wise=True),

@@ -237,3 +237,17 @@ def test_training_flips_only_left_right(tmp_path: Path) -> None:
         assert centroid[1] > 0 and centroid[2] > 0, centroid  # still anterior and superior
         sides.add(bool(centroid[0] > 0))
     assert sides == {True, False}  # left-right does flip
+
+
+def test_a_label_map_is_resized_onto_its_image() -> None:
+    """The segmentation is sampled at the same voxel centres as the image (nearest-exact), so a
+    box stays where the image's box is after a non-integer resize."""
+    from monai.transforms import Resize
+
+    from common.data.transforms import SEG_RESIZE_MODE
+
+    box = torch.zeros(1, 45, 45, 45)
+    box[:, 10:31, 12:29, 14:33] = 1.0
+    seg = Resize(spatial_size=(32, 32, 32), mode=SEG_RESIZE_MODE)(box.clone()) > 0.5
+    image = Resize(spatial_size=(32, 32, 32), mode="trilinear", align_corners=False, anti_aliasing=True)(box.clone()) > 0.5
+    assert float((seg & image).sum() / (seg | image).sum()) > 0.97
