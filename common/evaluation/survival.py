@@ -49,6 +49,8 @@ def kaplan_meier(event: torch.Tensor, time: torch.Tensor) -> dict[str, Any]:
     survival probability just after each distinct time (days), starting at (0, 1)."""
     if event.numel() == 0:
         return {"n": 0, "events": 0, "time": [], "survival": []}
+    if not bool(event.any()):  # no death: flat at 1 until the last follow-up (torchsurv refuses it)
+        return {"n": int(event.numel()), "events": 0, "time": [0.0, round(float(time.max()), 1)], "survival": [1.0, 1.0]}
     km = KaplanMeierEstimator()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
