@@ -186,8 +186,7 @@ def _undo_nearest_resize(labels: np.ndarray, orig_size: Sequence[int]) -> np.nda
     import numpy as np
     import torch
     from monai.transforms import Resize
-
-    from common.data.transforms import SEG_RESIZE_MODE
+    from common.data.transforms import SEG_RESIZE_MODE  # (the forward mode, shared)
 
     index = []
     for n, size in zip(labels.shape, orig_size):
