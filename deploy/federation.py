@@ -4,7 +4,11 @@ SuperNodes run only apps signed by the federation's publisher key (``--trusted-e
 
 Used by ``fedglioma demo`` and the integration tests. Every process runs in its own process group
 with its log in ``<workdir>/logs/<name>.log``; :class:`LocalFederation` is a context manager that
-stops everything it started on exit (also on exceptions and Ctrl-C). Layout of ``workdir``::
+stops everything it started on exit (also on exceptions and Ctrl-C). Every process it starts, and
+everything those start (Flower's SuperExec and app processes, some in sessions of their own),
+carries the federation's and the process's tag in its environment (:data:`FEDERATION_TAG_ENV`,
+:data:`PROCESS_TAG_ENV`), so what a killed SuperNode or SuperLink leaves behind is found and
+stopped (:meth:`LocalFederation.reap`) although it is no longer anyone's child. Layout of ``workdir``::
 
     flwr-home/config.toml       the `flwr` CLI's connection (FLWR_HOME), named ``fedglioma-local``
     superlink/state.db          SuperLink state (SQLite, mode 0600; runs, registered nodes, model weights)
@@ -40,6 +44,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import ssl
@@ -51,7 +56,7 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
@@ -82,6 +87,17 @@ DEFAULT_HUB_PORT = 8100
 #: files the SuperLink and the apps create (state.db with model weights, run outputs, the sites'
 #: caches of patient data) are readable by their owner only
 PRIVATE_UMASK = 0o077
+#: environment variables marking the processes of one :class:`LocalFederation` and of one
+#: :class:`ManagedProcess` (inherited by every process Flower starts under it)
+FEDERATION_TAG_ENV = "FEDGLIOMA_FEDERATION"
+PROCESS_TAG_ENV = "FEDGLIOMA_PROCESS"
+#: Flower's Grid polls the SuperLink for replies every 3 s (flwr/superlink/grid/http_grid.py)
+GRID_POLL_S = 3.0
+#: a SuperNode is online until 2 x its 30-s heartbeat interval after its last heartbeat
+#: (HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL); a killed one stays "online" that long
+HEARTBEAT_PATIENCE_S = 60.0
+#: what ``flower-supernode`` logs once the SuperLink activated it (supernode/start_client_internal.py)
+NODE_ACTIVATED = "SuperNode ID: "
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
@@ -187,6 +203,23 @@ def descendant_processes(root: int) -> dict[int, int]:
     return found
 
 
+def tagged_processes(name: str, *values: str) -> dict[int, int]:
+    """``{pid: start_time}`` of every live process (of this user; Linux /proc, empty elsewhere)
+    whose environment sets ``name`` to one of ``values``, wherever it sits in the process tree."""
+    wanted = {f"{name}={value}".encode() for value in values}
+    found: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if wanted.intersection(environ.split(b"\0")):
+            stat = proc_stat(int(entry.name))
+            if stat is not None and stat[0] != "Z":
+                found[int(entry.name)] = stat[2]
+    return found
+
+
 def _alive(pid: int, start_time: int) -> bool:
     """Whether the process ``pid`` that started at ``start_time`` still runs (zombies count as gone)."""
     stat = proc_stat(pid)
@@ -213,14 +246,23 @@ class ManagedProcess:
     popen: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes]
-    descendants: dict[int, int] = field(default_factory=dict)
+    tag: str  # the value of PROCESS_TAG_ENV in its environment and its processes'
 
     @property
     def returncode(self) -> int | None:
         return self.popen.poll()
 
+    def members(self) -> dict[int, int]:
+        """``{pid: start_time}`` of its live processes: itself while it runs, and what it started
+        (also after it died and they were re-parented)."""
+        return tagged_processes(PROCESS_TAG_ENV, self.tag)
+
+    def flush_log(self) -> None:
+        if not self.log_file.closed:  # closed once the process was stopped
+            self.log_file.flush()
+
     def log_tail(self, lines: int = 40) -> str:
-        self.log_file.flush()
+        self.flush_log()
         return _tail(self.log_path, lines)
 
 
@@ -373,6 +415,8 @@ class LocalFederation:
         self._started: list[ManagedProcess] = []  # every process spawned, in start order
         self._local_ports: set[int] = {self.port}
         self._registry_path = self.workdir / "superlink" / "nodes.json"
+        #: FEDERATION_TAG_ENV of every process it starts (see :meth:`leftover_processes`)
+        self.tag = f"{os.getpid()}-{secrets.token_hex(8)}"
         needed = [credentials.ca_cert, credentials.server_cert, credentials.server_key]
         if verify_apps:
             needed += [credentials.publisher_key, credentials.trusted_entities]
@@ -403,6 +447,7 @@ class LocalFederation:
         env = dict(os.environ)
         env.update(FLOWER_ENV)
         env["FLWR_HOME"] = str(self.flwr_home)
+        env[FEDERATION_TAG_ENV] = self.tag
         # the SuperLink/SuperNode start `flower-superexec`, which start `flwr-serverapp`/`flwr-clientapp`,
         # by name: this venv's bin must come first on PATH or they are not found (or the wrong ones are)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -428,13 +473,14 @@ class LocalFederation:
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         log_file.write(f"$ {subprocess.list2cmdline(command)}\n".encode())
         log_file.flush()
+        tag = f"{self.tag}/{name}/{len(self._started)}"
         popen = subprocess.Popen(
-            command, cwd=cwd, env={**self.env, **(extra_env or {})}, stdin=subprocess.DEVNULL, stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,  # own process group, no terminal signals
+            command, cwd=cwd, env={**self.env, **(extra_env or {}), PROCESS_TAG_ENV: tag}, stdin=subprocess.DEVNULL,
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,  # own process group, no terminal signals
             umask=PRIVATE_UMASK,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        proc = ManagedProcess(name, command, popen, log_path, log_file)
+        proc = ManagedProcess(name, command, popen, log_path, log_file, tag)
         self._started.append(proc)
         return proc
 
@@ -466,21 +512,53 @@ class LocalFederation:
         ``command`` replaces :meth:`superlink_command` (e.g. ``deploy/start-superlink.sh``); it
         must serve :attr:`address` with the credentials' server certificate. With ``verify_apps``
         the :class:`AppHub` starts and the SuperLink's environment points at it (``FLWR_SUPERGRID_API_URL``
-        and, for the deploy script, ``FEDGLIOMA_APP_HUB_URL``)."""
-        if self.superlink is not None and self.superlink.returncode is None:
+        and, for the deploy script, ``FEDGLIOMA_APP_HUB_URL``).
+
+        Called again after the SuperLink died (a crash, ``kill -9``), it first stops what the dead
+        one left (its SuperExec, a ServerApp), then starts the same command on the same port and
+        database, and stops the runs the database still has unfinished (:meth:`stop_orphaned_runs`).
+        SuperNodes that kept running reconnect by themselves (Flower retries without limit)."""
+        previous = self.superlink
+        if previous is not None and previous.returncode is None:
             raise FederationError(f"the SuperLink of {self.workdir} is already running (port {self.port})")
-        if self.superlink is not None:
-            self.superlink.log_file.close()  # an earlier SuperLink that died (its log becomes .log.1)
+        if previous is not None:
+            terminate([previous], self.stop_timeout_s)  # nothing of the dead one may talk to the new one
         state_db = self.workdir / "superlink" / "state.db"
-        if state_db.exists():
+        had_state = state_db.exists()
+        if had_state:
             state_db.chmod(0o600)  # made by an older version with the default umask
         env = dict(extra_env or {})
         if self.app_hub is not None:
             self.app_hub.start()
             env = {HUB_URL_ENV: self.app_hub.url, "FEDGLIOMA_APP_HUB_URL": self.app_hub.url, **env}
-        self.superlink = self.spawn("superlink", command or self.superlink_command(), self.workdir / "superlink", env)
+        if command is None:
+            command = previous.command if previous is not None else self.superlink_command()
+        self.superlink = self.spawn("superlink", command, self.workdir / "superlink", env)
         self._wait_healthy(self.superlink, timeout_s)
         self.write_connection()
+        if had_state:
+            self.stop_orphaned_runs()
+
+    def stop_orphaned_runs(self) -> list[int]:
+        """Stop every run the SuperLink lists as unfinished, right after it started on an existing
+        database; returns their ids. Their ServerApp died with the previous SuperLink (Flower 1.41
+        resumes no run), but the new one keeps them "running" until their task misses its
+        heartbeat (about a minute) and meanwhile hands their queued instructions to the
+        SuperNodes, which then train for a dead run before the next one's messages.
+        ``flwr stop`` finishes them and deletes those messages. (A run is resumed by starting it
+        again with ``federation.resume=true``: :mod:`server.run_folder`.)"""
+        stopped = []
+        for run in self._flwr_json("ls", self.connection)["runs"]:
+            if str(run["status"]).startswith("finished"):
+                continue
+            run_id = int(run["run-id"])
+            try:
+                self._flwr_json("stop", str(run_id), self.connection)
+            except FederationError:
+                if not self.status(run_id).startswith("finished"):  # it may have expired meanwhile
+                    raise
+            stopped.append(run_id)
+        return stopped
 
     def _wait_healthy(self, proc: ManagedProcess, timeout_s: float) -> None:
         url = f"https://{self.address}/health"
@@ -619,9 +697,16 @@ class LocalFederation:
         private_key: Path,
         node_config: Mapping[str, Scalar] | None = None,
         local_port: int | None = None,
+        *,
+        release_timeout_s: float = HEARTBEAT_PATIENCE_S + 30.0,
     ) -> ManagedProcess:
         """Start the SuperNode of ``site`` (does not wait for it to connect; see
-        :meth:`wait_for_nodes`). Each SuperNode gets its own free local Runtime API port."""
+        :meth:`wait_for_nodes`). Each SuperNode gets its own free local Runtime API port.
+
+        When the SuperLink still lists the site's node online, although no SuperNode of this
+        launcher serves it (one that was killed, or died with a previous SuperLink on this
+        database), Flower refuses to activate the node until that entry expires: this waits for
+        it (:meth:`wait_node_released`)."""
         if self.superlink is None:
             raise FederationError("start_superlink() first: a SuperNode needs the SuperLink's address")
         running = self.supernodes.get(site)
@@ -629,21 +714,68 @@ class LocalFederation:
             raise FederationError(f"the SuperNode of {site!r} is already running (log {running.log_path})")
         if not Path(private_key).exists():
             raise FileNotFoundError(f"{private_key} (private key of {site!r}) is missing; create it with `fedglioma certs`")
-        if running is not None:
-            running.log_file.close()
         port = local_port if local_port is not None else free_port("127.0.0.1", self._local_ports)
         self._local_ports.add(port)
-        proc = self.spawn(
-            f"supernode-{site}", self.supernode_command(private_key, node_config or {}, port),
-            self.workdir / "supernodes" / site,
-        )
+        return self._launch_supernode(site, self.supernode_command(private_key, node_config or {}, port), release_timeout_s)
+
+    def restart_supernode(self, site: str, release_timeout_s: float = HEARTBEAT_PATIENCE_S + 30.0) -> ManagedProcess:
+        """Start the SuperNode of ``site`` again with the same command line (same key, hence the same
+        node id, same node config and port). A running one is stopped first; what a dead one left
+        behind is stopped; the start waits until the SuperLink releases the node
+        (:meth:`wait_node_released`: up to a minute after a SIGKILL)."""
+        previous = self.supernodes.get(site)
+        if previous is None:
+            raise FederationError(f"no SuperNode of {site!r} was started; use start_supernode()")
+        return self._launch_supernode(site, previous.command, release_timeout_s)
+
+    def _launch_supernode(self, site: str, command: list[str], release_timeout_s: float) -> ManagedProcess:
+        previous = self.supernodes.get(site)
+        if previous is not None:
+            terminate([previous], self.stop_timeout_s)  # and what it left behind; closes its log
+        self.wait_node_released(site, release_timeout_s)
+        proc = self.spawn(f"supernode-{site}", command, self.workdir / "supernodes" / site)
         self.supernodes[site] = proc
         return proc
+
+    def wait_node_released(self, site: str, timeout_s: float = HEARTBEAT_PATIENCE_S + 30.0) -> float:
+        """Wait until the SuperLink no longer lists the node of ``site`` as online; returns the
+        seconds waited (0 when it was not online). For a site not registered by this launcher it
+        returns at once.
+
+        A SuperNode that dies without deactivating (SIGKILL, a crash, its SuperLink killed with it)
+        stays "online" until 2 heartbeat intervals after its last heartbeat (up to 60 s), and
+        Flower refuses to activate a node that is online: a SuperNode started before would exit
+        with "could not be activated". Once the node is offline this waits one more poll of the
+        Grid, so the ServerApp receives the SuperLink's NODE_UNAVAILABLE answer to an instruction
+        the dead SuperNode had taken before the node is back (a node back before that poll leaves
+        the instruction unanswered until the round times out)."""
+        node = self._registry().get(site)
+        if node is None:
+            return 0.0
+        node_id = str(node["node_id"])
+        start = time.monotonic()
+        while any(n["node-id"] == node_id and n.get("status") == "online" for n in self.nodes()):
+            if time.monotonic() - start > timeout_s:
+                raise FederationError(
+                    f"node {node_id} of site {site!r} is still online {timeout_s:.0f} s after its SuperNode of this "
+                    f"launcher stopped: another SuperNode uses its key; stop that one, or unregister the key "
+                    f"(`flwr supernode unregister {node_id} {self.connection}` with FLWR_HOME={self.flwr_home})"
+                )
+            time.sleep(1.0)
+        waited = time.monotonic() - start
+        if waited > 0.5:
+            time.sleep(GRID_POLL_S + 1.0)
+        return waited
 
     def wait_for_nodes(self, sites: list[str] | None = None, timeout_s: float = 60.0) -> list[dict[str, Any]]:
         """Wait until the registered nodes of ``sites`` (default: every started SuperNode) are
         online and return :meth:`nodes` as last seen; raise with the log tail when one of their
-        processes exits first."""
+        processes exits first.
+
+        "Online" in the SuperLink's database is not enough for a SuperNode this launcher started:
+        a node whose SuperNode died stays online there for up to a minute, also across a SuperLink
+        restart. Such a node counts only once the running process has logged its activation
+        (:data:`NODE_ACTIVATED`)."""
         sites = list(self.supernodes) if sites is None else sites
         registry = self._registry()
         missing = [s for s in sites if s not in registry]
@@ -660,12 +792,23 @@ class LocalFederation:
                     )
             nodes = self.nodes()
             online = {n["node-id"] for n in nodes if n.get("status") == "online"}
-            if set(wanted) <= online:
+            ready = {n for n in online & set(wanted) if self._activated(wanted[n])}
+            if set(wanted) <= ready:
                 return nodes
             if time.monotonic() > deadline:
-                offline = sorted(wanted[n] for n in set(wanted) - online)
+                offline = sorted(wanted[n] for n in set(wanted) - ready)
                 raise FederationError(f"SuperNode(s) {offline} not online after {timeout_s:.0f} s; see {self.log_dir}")
             time.sleep(1.0)
+
+    def _activated(self, site: str) -> bool:
+        """Whether the SuperNode this launcher runs for ``site`` logged that the SuperLink activated
+        it (True for a site whose SuperNode runs elsewhere: then the SuperLink's word is all there is)."""
+        proc = self.supernodes.get(site)
+        if proc is None:
+            return True
+        proc.flush_log()
+        with open(proc.log_path, "rb") as log:
+            return NODE_ACTIVATED.encode() in log.read(1 << 16)
 
     # -- runs -------------------------------------------------------------------------------------
 
@@ -718,9 +861,11 @@ class LocalFederation:
     ) -> str:
         """Poll the run's status until it is ``finished:*`` and return that status. ``on_poll(status)``
         is called after every poll. Raises ``TimeoutError`` after ``timeout_s`` and
-        :class:`FederationError` when the SuperLink process dies meanwhile."""
+        :class:`FederationError` when the SuperLink process dies meanwhile. What a SuperNode that
+        died meanwhile left running is stopped at each poll (:meth:`reap`)."""
         deadline = time.monotonic() + timeout_s
         while True:
+            self.reap()
             if self.superlink is not None and self.superlink.returncode is not None:
                 raise FederationError(
                     f"the SuperLink exited with code {self.superlink.returncode} during run {run_id}:\n"
@@ -749,12 +894,35 @@ class LocalFederation:
         """Every process started so far (running or not), the latest first."""
         return list(reversed(self._started))
 
+    def reap(self) -> dict[str, list[int]]:
+        """Stop what the processes of this launcher that exited left running: a SuperNode killed
+        with SIGKILL leaves the ClientApp it was running and, for a moment, its SuperExec
+        (re-parented by then, found by :data:`PROCESS_TAG_ENV`), a SuperLink its SuperExec and
+        ServerApp. Returns
+        ``{process name: pids stopped}`` (empty when nothing was left)."""
+        dead = [proc for proc in self._started if proc.returncode is not None]
+        if not dead or not tagged_processes(PROCESS_TAG_ENV, *(proc.tag for proc in dead)):
+            return {}
+        stopped: dict[str, list[int]] = {}
+        for proc in dead:
+            if left := sorted(proc.members()):
+                terminate([proc], self.stop_timeout_s)
+                stopped.setdefault(proc.name, []).extend(left)
+        return stopped
+
+    def leftover_processes(self) -> dict[int, int]:
+        """``{pid: start_time}`` of every live process this launcher started, directly or through
+        Flower (the ``flwr`` CLI calls included), wherever it sits in the process tree: empty after
+        :meth:`stop`."""
+        return tagged_processes(FEDERATION_TAG_ENV, self.tag)
+
     def stop(self) -> None:
         """Stop every process this launcher started (see :func:`terminate`). Safe to call twice.
 
         SuperNodes go first, while the SuperLink can still record them as offline: a SuperNode
         killed together with its SuperLink stays "online" in the persistent state database, and
-        after a restart that stale entry refuses the node's re-activation until it expires."""
+        after a restart that stale entry refuses the node's re-activation until it expires
+        (:meth:`wait_node_released` waits for that)."""
         others = [p for p in self.processes() if p is not self.superlink]
         terminate(others, self.stop_timeout_s)
         if self.superlink is not None:
@@ -768,13 +936,14 @@ class LocalFederation:
 
 
 def terminate(procs: list[ManagedProcess], timeout_s: float = 15.0) -> None:
-    """SIGTERM each process group (all at once, so Flower's processes shut down cleanly and in
-    parallel), SIGKILL what is left after ``timeout_s``, then the same for the SuperExec and app
-    processes Flower started in sessions of their own, and close the logs."""
+    """SIGTERM the process group of each running process (all at once, so Flower's processes shut
+    down cleanly and in parallel), SIGKILL a group still there after ``timeout_s``; then the same,
+    with 5 s of grace, for what is left of their processes (:meth:`ManagedProcess.members`: the
+    SuperExec and app processes Flower started in sessions of their own, and everything a killed
+    process left behind), and close the logs."""
     for proc in procs:
-        # only while our child is un-reaped is its pid still its own: snapshot, then signal
+        # only while our child is un-reaped is its pid (= its group's id) still its own
         if proc.returncode is None:
-            proc.descendants.update(descendant_processes(proc.popen.pid))
             _signal_group(proc.popen.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     for proc in procs:
@@ -783,15 +952,24 @@ def terminate(procs: list[ManagedProcess], timeout_s: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             _signal_group(proc.popen.pid, signal.SIGKILL)
             proc.popen.wait(timeout=10)
-    leftovers = {pid: start for proc in procs for pid, start in proc.descendants.items() if _alive(pid, start)}
-    for pid in leftovers:
-        _signal_pid(pid, signal.SIGTERM)
+    tags = [proc.tag for proc in procs]
+    leftovers = tagged_processes(PROCESS_TAG_ENV, *tags)
+    for pid, start in leftovers.items():
+        if _alive(pid, start):
+            _signal_pid(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5.0
     while leftovers and time.monotonic() < deadline:
-        leftovers = {pid: start for pid, start in leftovers.items() if _alive(pid, start)}
+        time.sleep(0.25)
+        leftovers = tagged_processes(PROCESS_TAG_ENV, *tags)
+    deadline = time.monotonic() + 10.0
+    while leftovers:  # SIGKILL until none is left (one may have started another meanwhile)
+        if time.monotonic() > deadline:
+            raise FederationError(f"processes {sorted(leftovers)} survive SIGKILL (uninterruptible?); see `ps -o stat`")
+        for pid, start in leftovers.items():
+            if _alive(pid, start):
+                _signal_pid(pid, signal.SIGKILL)
         time.sleep(0.1)
-    for pid in leftovers:
-        _signal_pid(pid, signal.SIGKILL)
+        leftovers = tagged_processes(PROCESS_TAG_ENV, *tags)
     for proc in procs:
         proc.log_file.close()
 

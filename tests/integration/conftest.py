@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from deploy.federation import descendant_processes, proc_stat
+from deploy.certs import Credentials
+from deploy.federation import LocalFederation, descendant_processes, proc_stat
 
 #: executables of Flower's deployment engine (SuperLink/SuperNode, their SuperExec, the apps) and the proxy
 FLOWER_PROCESS_NAMES = (
@@ -47,3 +49,24 @@ def no_flower_process_left_behind() -> Iterator[None]:
     yield
     left = wait_until_gone(list(descendant_processes(os.getpid())))
     assert not left, f"Flower processes outlived their test module: {left}"
+
+
+@pytest.fixture
+def federation_factory() -> Iterator[Callable[..., LocalFederation]]:
+    """``make(workdir, credentials, **kwargs)`` -> a :class:`LocalFederation` that is stopped at the
+    end of the test whatever happened (a failed assertion, a timeout), then checked: no process it
+    started, directly or through Flower, may be left. The check finds them by the federation's
+    environment tag, so it also catches processes re-parented to init (a killed SuperNode's
+    SuperExec and ClientApp), which a walk of this process's descendants misses."""
+    made: list[LocalFederation] = []
+
+    def make(workdir: Path, credentials: Credentials, **kwargs: Any) -> LocalFederation:
+        federation = LocalFederation(workdir, credentials, **kwargs)
+        made.append(federation)
+        return federation
+
+    yield make
+    for federation in made:
+        federation.stop()
+    left = [pid for federation in made for pid in federation.leftover_processes()]
+    assert not left, f"processes outlived their federation's stop(): {left} {flower_processes(left)}"
