@@ -13,8 +13,11 @@ to the node that first claimed it, and the binding is kept in the run folder, ac
   whose source is the SuperLink) are attributed to the node the instruction was sent to, by the
   message id the reply answers, under that node's site name.
 
-Flower keeps node names only in its registration (``flwr supernode register``), which a ServerApp
-cannot read; hence this registry.
+With the coordinator's map of registered keys to site names (``federation.registered_sites``, a
+JSON file ``{site: node_id}``; ``fedglioma demo`` passes the one its launcher writes) every name is
+known from the first round, also for a site that fails before it ever replied, and a claim that
+differs from the map is always rejected. Flower keeps node names only in its registration
+(``flwr supernode register``), which a ServerApp cannot read; hence this registry.
 """
 
 from __future__ import annotations
@@ -42,11 +45,33 @@ class Claim:
     conflict: str | None = None
 
 
-class SiteRegistry:
-    """Site names bound to node ids (see the module docstring); ``path``: where the bindings persist."""
+def read_registered_sites(path: Path) -> dict[int, str]:
+    """The coordinator's map of registered node keys to site names (``federation.registered_sites``):
+    a JSON object ``{site: node_id}`` or, as ``deploy/federation.py`` writes it,
+    ``{site: {"node_id": id, ...}}``; returns ``{node_id: site}``."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        out: dict[int, str] = {}
+        for site, value in raw.items():
+            node = int(value["node_id"] if isinstance(value, dict) else value)
+            if node in out:
+                raise ValueError(f"node {node} is listed for both {out[node]!r} and {site!r}")
+            out[node] = str(site)
+        return out
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(
+            f"federation.registered_sites={str(path)!r} cannot be read ({exc}); it must be a JSON object "
+            '{"site-a": NODE_ID, ...} of the keys registered with `flwr supernode register`'
+        ) from exc
 
-    def __init__(self, path: Path | None = None) -> None:
+
+class SiteRegistry:
+    """Site names bound to node ids (see the module docstring); ``path``: where the bindings persist;
+    ``registered``: ``{node_id: site}`` the coordinator registered (fixed: never rebound)."""
+
+    def __init__(self, path: Path | None = None, registered: dict[int, str] | None = None) -> None:
         self.path = path
+        self.registered = dict(registered or {})
         self.by_node: dict[int, str] = {}
         self.sent: dict[str, int] = {}  # message id of an instruction -> the node it went to
         if path is not None and path.is_file():
@@ -58,6 +83,7 @@ class SiteRegistry:
                     f"{path} is damaged ({exc}); it binds site names to nodes. Restore it from a "
                     "backup, or delete it to bind names again at first sight."
                 ) from exc
+        self.by_node.update(self.registered)
 
     def remember(self, messages: Iterable[Message]) -> None:
         """Note the destination of each instruction (call after they were pushed: ids are set then)."""
@@ -80,6 +106,8 @@ class SiteRegistry:
             name = str(reply.content.config_records[SITE_RECORD].get("name", "")).strip()
         if not name:
             return Claim(node, self.name_of(node))
+        if self.registered:
+            return self._claim_registered(node, name)
         bound = self.by_node.get(node)
         if bound is not None and bound != name:
             reason = f"node {node} is bound to site {bound!r} but claims to be {name!r}"
@@ -97,6 +125,20 @@ class SiteRegistry:
             self.by_node[node] = name
             self._save()
         return Claim(node, name)
+
+    def _claim_registered(self, node: int, name: str) -> Claim:
+        """With the coordinator's map every node's name is known before it replies: a claim that
+        differs from it is rejected, whatever is connected."""
+        registered = self.registered.get(node)
+        if registered == name:
+            return Claim(node, name)
+        if registered is None:
+            reason = f"node {node} is not among the registered sites but claims to be {name!r}"
+            log(WARNING, "identity: %s; reply rejected", reason)
+            return Claim(node, f"{name} (unregistered node {node})", reason)
+        reason = f"node {node} is registered as site {registered!r} but claims to be {name!r}"
+        log(WARNING, "identity: %s; reply rejected", reason)
+        return Claim(node, registered, reason)
 
     def _save(self) -> None:
         if self.path is not None:
