@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls bench-federation bench-post clean
+.PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls bench-federation bench-post bench-privacy clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-post: $(STAMP)
 
 bench-federation: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_federation.py $(ARGS)
+
+bench-privacy: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_privacy.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

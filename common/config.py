@@ -33,6 +33,9 @@ UPDATE_BOUNDS: tuple[str, ...] = ("reject", "clip", "off")
 QUORUM_ACTIONS: tuple[str, ...] = ("skip", "stop")
 SITE_VALIDATIONS: tuple[str, ...] = ("in_train", "message")
 WIRE_DTYPES: tuple[str, ...] = ("float32", "float16")
+DP_MODES: tuple[str, ...] = ("off", "fixed", "adaptive")
+#: The strategies client-level DP works with: its noise is calibrated to a plain average.
+DP_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 
 Scalar = bool | int | float | str
 
@@ -183,6 +186,16 @@ class FederationConfig:
     on_quorum_fail: str = "skip"
     rejoin_wait_s: float = 30.0  # after round 1, how long a phase waits for a missing site
     min_metric_cases: int = 5  # a site sends no metric computed over fewer cases than this
+    # client-level differential privacy of the global models (server.strategy.privacy): each site's
+    # update clipped to dp_clipping_norm (adaptive: the initial norm, then following the median
+    # update norm), equal-weight average, Gaussian noise std dp_noise_multiplier x norm / sites;
+    # epsilon (RDP accountant) at dp_delta per round in metrics.json; the run stops before epsilon
+    # would exceed dp_epsilon_budget (0 = no budget)
+    dp: str = "off"  # one of DP_MODES
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
+    dp_epsilon_budget: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -279,6 +292,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("federation", "on_quorum_fail"): QUORUM_ACTIONS,
         ("federation", "site_validation"): SITE_VALIDATIONS,
         ("federation", "wire_dtype"): WIRE_DTYPES,
+        ("federation", "dp"): DP_MODES,
     }
     for (sname, key), allowed in choices.items():
         value = getattr(getattr(cfg, sname), key)
@@ -301,8 +315,27 @@ def validate(cfg: ExperimentConfig) -> None:
         )
     if not 0.0 <= cfg.federation.trimmed_beta < 0.5:
         raise ConfigError(f"federation.trimmed_beta={cfg.federation.trimmed_beta} must be in [0, 0.5)")
+    if cfg.federation.dp != "off":
+        _validate_dp(cfg.federation)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
+
+
+def _validate_dp(federation: FederationConfig) -> None:
+    if federation.strategy not in DP_STRATEGIES:
+        raise ConfigError(
+            f"federation.dp={federation.dp!r} needs federation.strategy in {DP_STRATEGIES}, got "
+            f"{federation.strategy!r}: the noise is calibrated to a plain average of clipped updates"
+        )
+    if federation.dp_noise_multiplier <= 0:
+        raise ConfigError(f"federation.dp_noise_multiplier={federation.dp_noise_multiplier} must be > 0 with "
+                          "federation.dp (1.0 or more for a meaningful epsilon)")
+    if federation.dp_clipping_norm <= 0:
+        raise ConfigError(f"federation.dp_clipping_norm={federation.dp_clipping_norm} must be > 0 (an L2 norm)")
+    if not 0.0 < federation.dp_delta < 1.0:
+        raise ConfigError(f"federation.dp_delta={federation.dp_delta} must be in (0, 1), well below 1/min_nodes")
+    if federation.dp_epsilon_budget < 0:
+        raise ConfigError(f"federation.dp_epsilon_budget={federation.dp_epsilon_budget} must be >= 0 (0 = no budget)")
 
 
 def to_mapping(cfg: ExperimentConfig) -> dict[str, dict[str, Scalar]]:

@@ -46,14 +46,16 @@ def _overrides(user: list[str]) -> list[str]:
 def _progress_printer(metrics_path: Path, total_rounds: int):
     """A poll callback printing each new round's held-out and per-site figures once."""
     seen: set[int] = set()
+    stop_shown: list[str] = []
 
     def poll(status: str) -> None:
         if not metrics_path.exists():
             return
         try:
-            rounds = json.loads(metrics_path.read_text()).get("rounds", [])
+            history = json.loads(metrics_path.read_text())
         except json.JSONDecodeError:
             return  # being replaced right now; read it at the next poll
+        rounds = history.get("rounds", [])
         for entry in rounds:
             if entry["round"] in seen:
                 continue
@@ -78,6 +80,16 @@ def _progress_printer(metrics_path: Path, total_rounds: int):
             for kind in ("failures", "rejected", "bounded"):
                 for site, why in (entry.get(kind) or {}).items():
                     print(f"      {site} {kind[:-1] if kind.endswith('s') else kind}: {why}", flush=True)
+            if privacy := entry.get("privacy"):  # federation.dp: what the global models released so far cost
+                budget = privacy.get("epsilon_budget") or 0
+                print(f"      privacy: epsilon={_f(privacy.get('epsilon'))} at delta={privacy.get('delta'):g}"
+                      + (f" of budget {budget:g}" if budget else "")
+                      + f" (noise multiplier {privacy.get('noise_multiplier'):g}, clipping norm "
+                      f"{_f(privacy.get('clipping_norm'))}, {privacy.get('releases', 0)} noised models)", flush=True)
+        stopped = (history.get("final", {}).get("privacy") or {}).get("stopped")
+        if stopped and not stop_shown:
+            stop_shown.append(stopped)
+            print(f"      privacy budget: {stopped}", flush=True)
 
     return poll
 

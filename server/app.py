@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from common.config import ExperimentConfig, from_run_config
+from common.config import ExperimentConfig, from_run_config, replace
 from common.evaluation.calibration import Calibration, fit_calibration
 from common.evaluation.metrics import selection_score
 from common.model import build_model
@@ -23,10 +23,11 @@ from server.heldout import HeldoutEvaluator
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.schedule import RoundSchedule
-from server.strategy import FederationError, build_strategy
+from server.strategy import FederationError, build_privacy, build_strategy
 
 app = ServerApp()
 IDENTITIES_FILE = "sites.json"  # site names bound to node ids (server.strategy.identity)
+PRIVACY_FILE = "privacy.json"  # the DP accountant's state (server.strategy.privacy)
 
 
 @app.main()
@@ -53,11 +54,22 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         offset = state.next_round - 1
         log(INFO, "resuming %s after round %d", folder.root, offset)
     remaining = cfg.federation.rounds - offset
-    schedule = RoundSchedule(cfg, offset=offset)
     identities = folder.root / IDENTITIES_FILE
+    privacy_state = folder.root / PRIVACY_FILE
     if state is None:
         identities.unlink(missing_ok=True)  # a new run binds names afresh; a resumed one keeps them
-    strategy = build_strategy(cfg.federation, schedule=schedule, identities=identities)
+        privacy_state.unlink(missing_ok=True)  # ...and accounts afresh; a resumed one continues
+    privacy = build_privacy(cfg.federation, privacy_state)
+    # the rounds the privacy budget allows; its last one is the run's last (validated by the sites)
+    allowed, budget_stop = privacy.plan(offset + 1, remaining) if privacy is not None else (remaining, None)
+    if budget_stop is not None:
+        if offset == 0 and allowed == 0:
+            raise FederationError(f"{budget_stop} Not even one round fits: raise federation.dp_epsilon_budget or "
+                                  "federation.dp_noise_multiplier.")
+        log(WARNING, "%s", budget_stop)
+        remaining = allowed
+    schedule = RoundSchedule(replace(cfg, federation={"rounds": offset + remaining}) if budget_stop else cfg, offset=offset)
+    strategy = build_strategy(cfg.federation, schedule=schedule, identities=identities, privacy=privacy)
 
     calibrations = [Calibration()]  # the latest fit, for models the sites do not validate
     pending: dict[str, Any] = {}  # a global model waiting for its validation in the next round's replies
@@ -89,6 +101,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
                 "bytes": round_log["bytes"],
                 "calibration": calibration.as_metrics(),
                 "selection_score": score,
+                **({"privacy": round_log["privacy"]} if "privacy" in round_log else {}),
             },
         )
         folder.save_checkpoint(global_round, model.state_dict(), score, calibration.to_dict())
@@ -132,9 +145,16 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         finally:
             if pending:  # the run stopped before the sites validated a finished model: keep it
                 complete(**pending.pop("model"), sites={})
+    elif budget_stop is not None:
+        log(WARNING, "%s: the privacy budget is spent; nothing to train", folder.root)
     else:
         log(INFO, "%s already has all %d rounds; nothing to train", folder.root, cfg.federation.rounds)
-    final = folder.finalize(extra={"heldout_cases": heldout.n_cases, "mode": "federated"})
+    extra: dict[str, Any] = {"heldout_cases": heldout.n_cases, "mode": "federated"}
+    if privacy is not None:
+        extra["privacy"] = {**privacy.record(), **({"stopped": budget_stop} if budget_stop else {})}
+    final = folder.finalize(extra=extra)
+    if budget_stop is not None:
+        log(WARNING, "%s", budget_stop)
     write_report(folder.root)
     return final
 

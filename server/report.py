@@ -48,6 +48,12 @@ def _fmt(value: Any) -> str:
     return f"{f:.0f}" if f.is_integer() and abs(f) >= 1 else f"{f:.3f}"
 
 
+def _sig(value: Any) -> str:
+    """Three significant digits (a delta of 1e-05 stays readable), "–" for none."""
+    f = _num(value)
+    return "–" if math.isnan(f) else f"{f:.3g}"
+
+
 def _pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend."""
     # Imported on the first plot: pyplot must see the Agg backend chosen first (no display here).
@@ -237,6 +243,19 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
             [str(r["round"]), _fmt(r["quorum"].get("replied")), _fmt(r["quorum"].get("needed")),
              "; ".join(f"{site}: {why}" for site, why in (r["quorum"].get("missing") or {}).items())]
             for r in missed]))
+
+    # client-level DP (federation.dp): the epsilon spent by the global models released so far
+    private = [r for r in rounds if r.get("privacy")]
+    if private:
+        stopped = (final.get("privacy") or {}).get("stopped")
+        parts.append("<h2>Privacy of the updates (client-level differential privacy of the global models)</h2>")
+        if stopped:
+            parts.append(f"<p><b>Stopped by the privacy budget:</b> {html.escape(str(stopped))}</p>")
+        keys = ["epsilon", "delta", "releases", "noise_multiplier", "accounted_noise_multiplier", "clipping_norm",
+                "noise_std", "epsilon_budget"]
+        parts.append(_table(["round", "mode", *keys], [
+            [str(r["round"]), str(r["privacy"].get("mode", "")), *(_sig(r["privacy"].get(k)) for k in keys)]
+            for r in private]))
 
     parts.append("<h2>Plots</h2>")
     for path in plots:

@@ -1,7 +1,8 @@
 """The server's strategies: one file per strategy, the shared federation additions, reply
-screening, bounds and site identities.
+screening, bounds, site identities and client-level differential privacy.
 
-``build_strategy`` picks one by ``federation.strategy``.
+``build_strategy`` picks one by ``federation.strategy``; ``build_privacy`` the DP averaging of
+``federation.dp``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from server.strategy.federation import FederationMixin
 from server.strategy.fedprox import GliomaFedProx
 from server.strategy.identity import SiteRegistry
 from server.strategy.optimizers import GliomaFedAdam, GliomaFedAvgM, GliomaFedYogi
+from server.strategy.privacy import PrivateAveraging
 from server.strategy.robust import (
     GliomaBulyan,
     GliomaFedMedian,
@@ -25,14 +27,37 @@ from server.strategy.robust import (
     GliomaKrum,
 )
 
-__all__ = ["FederationError", "FederationMixin", "GliomaFedAvg", "GliomaFedProx", "NodeWaitTimeout", "build_strategy"]
+__all__ = ["FederationError", "FederationMixin", "GliomaFedAvg", "GliomaFedProx", "NodeWaitTimeout",
+           "PrivateAveraging", "build_privacy", "build_strategy"]
+
+
+def build_privacy(federation: FederationConfig, state: Path | None = None) -> PrivateAveraging | None:
+    """The client-level DP averaging of ``federation.dp`` (None when off); ``state``: where its
+    accounting persists (the run folder's privacy.json), None to keep it in memory."""
+    if federation.dp == "off":
+        return None
+    return PrivateAveraging(
+        federation.dp,
+        noise_multiplier=federation.dp_noise_multiplier,
+        clipping_norm=federation.dp_clipping_norm,
+        delta=federation.dp_delta,
+        epsilon_budget=federation.dp_epsilon_budget,
+        sites=federation.min_nodes,
+        state=state,
+    )
 
 
 def build_strategy(
-    federation: FederationConfig, *, schedule: RoundSchedule, identities: Path | None = None
+    federation: FederationConfig,
+    *,
+    schedule: RoundSchedule,
+    identities: Path | None = None,
+    privacy: PrivateAveraging | None = None,
 ) -> FederationMixin:
     """The strategy ``federation.strategy`` with the bounds, quorum and waits of ``federation``;
-    ``identities``: where site-name bindings persist (the run folder), None to keep them in memory."""
+    ``identities``: where site-name bindings persist (the run folder), None to keep them in memory;
+    ``privacy``: the DP averaging (:func:`build_privacy`) that replaces the bounds and the weighted
+    average, None for none."""
     common: dict[str, Any] = dict(
         schedule=schedule,
         node_wait_s=federation.node_wait_s,
@@ -47,6 +72,7 @@ def build_strategy(
         ),
         registry=SiteRegistry(identities),
         wire_dtype=federation.wire_dtype,
+        privacy=privacy,
         min_train_nodes=federation.min_nodes,
         min_evaluate_nodes=federation.min_nodes if schedule.evaluate_sites else 0,
         min_available_nodes=federation.min_nodes,

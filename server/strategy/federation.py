@@ -14,7 +14,11 @@ The behaviour added to Flower's strategies (no torch here, as in Flower's own st
   round is recorded (who was missing and why) and the run goes on or stops (``federation.on_quorum_fail``);
   after the first round a phase waits at most ``rejoin_wait_s`` for a missing site and goes on
   with the sites that are connected, as long as they make a quorum;
-* ``aggregate_evaluate`` keeps per-site validation metrics (not only their average).
+* ``aggregate_evaluate`` keeps per-site validation metrics (not only their average);
+* with ``federation.dp`` the screened replies are averaged by :mod:`server.strategy.privacy`
+  (clipped, equal weights, Gaussian noise, accounted) instead of the bounds and the case-weighted
+  average: a bound relative to the other sites' updates would make one site's inclusion depend on
+  the others', and a weight by cases or labels would give one site more than the clipped share.
 
 Averaging itself stays Flower's (weighted by ``num-examples`` = training cases, or one of Flower's
 robust aggregators, :mod:`server.strategy.robust`).
@@ -46,6 +50,7 @@ from server.strategy.bounds import (
 )
 from server.strategy.heads import average_heads, head_weight_key
 from server.strategy.identity import SiteRegistry
+from server.strategy.privacy import PrivateAveraging
 from server.strategy.screening import check_arrays, check_metrics, record_to_dict
 
 
@@ -69,6 +74,7 @@ class FederationMixin:
         bounds: UpdateBounds | None = None,
         registry: SiteRegistry | None = None,
         wire_dtype: str = "float32",
+        privacy: PrivateAveraging | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -80,6 +86,9 @@ class FederationMixin:
         self.bounds = bounds or UpdateBounds()
         self.registry = registry or SiteRegistry()
         self.wire_dtype = wire_dtype  # what travels; the global model and averaging stay float32
+        self.privacy = privacy  # client-level DP averaging (federation.dp), None when off
+        if privacy is not None:
+            self.per_head_averaging = False  # every head's average over all sites, as the noise assumes
         self.min_nodes = int(self.min_available_nodes)  # type: ignore[attr-defined]
         self.stop_reason: str | None = None  # set when a round missed its quorum and the run stops
         # called with {site: validation metrics} of the received global model when a round's training
@@ -129,6 +138,8 @@ class FederationMixin:
             "seconds": self.seconds,
             "bytes": self.bytes,
         }
+        if self.privacy is not None:
+            out["privacy"] = self.privacy.record()
         self.reset_round()
         return out
 
@@ -358,7 +369,8 @@ class FederationMixin:
             metrics = next(iter(reply.content.metric_records.values()))
             if "n_train" in metrics:
                 self.declared.setdefault(name, float(metrics["n_train"]))
-        kept = self._bound(kept)
+        if self.privacy is None:
+            kept = self._bound(kept)
         for name, reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
             self.train_metrics[name] = record_to_dict(metrics)
@@ -381,6 +393,12 @@ class FederationMixin:
             return None, None
         messages = [reply for _, reply in kept]
         keep_common_metric_keys(messages)
+        if self.privacy is not None and self._current is not None:
+            arrays, metrics = self.privacy.aggregate(self.schedule.global_round(server_round), kept, self._current)
+            for name, why in self.privacy.clipped.items():
+                self.bounded[name] = why
+                log(INFO, "site %s: %s", name, why)
+            return arrays, metrics
         arrays, metrics = super().aggregate_train(server_round, messages)  # type: ignore[misc]
         if arrays is not None and self._current is not None and self.per_head_averaging:
             arrays = average_heads(arrays, messages, self._current)

@@ -1,0 +1,77 @@
+"""Client-level DP (federation.dp) through the real ServerApp and ClientApp in one process:
+epsilon per round in metrics.json and across a resume, the budget stop, failing sites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import compose
+from deploy.simulation import run_inprocess, site_nodes
+
+pytestmark = pytest.mark.integration
+
+DP = ("federation.dp=fixed", "federation.dp_noise_multiplier=1.0", "federation.dp_clipping_norm=0.5",
+      "federation.min_nodes=2")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from synth import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, preset="tiny", sites=2, cases_per_site=6, heldout_cases=4, shape=32, seed=3)
+    return out
+
+
+def run(cohort: Path, out: Path, *overrides: str, nodes: dict[int, dict[str, str]] | None = None) -> dict:
+    # the tiny sites have 1-2 validation cases: below the default minimum a site sends no metric
+    cfg = compose(["+experiment=tiny", f"federation.heldout={cohort / 'heldout'}", f"federation.out_dir={out}",
+                   "train.threads=1", "federation.min_metric_cases=1", *DP, *overrides])
+    run_inprocess(cfg, nodes or site_nodes(cohort, ["site-a", "site-b"]))
+    return json.loads((out / "tiny" / "metrics.json").read_text())
+
+
+def test_epsilon_per_round_continues_across_a_resume(cohort: Path, tmp_path: Path) -> None:
+    straight = run(cohort, tmp_path / "straight", "federation.rounds=2", "federation.evaluate_sites=false")
+    epsilon = {r["round"]: r["privacy"]["epsilon"] for r in straight["rounds"]}
+    assert epsilon[0] == 0.0 < epsilon[1] < epsilon[2]
+    assert straight["rounds"][2]["privacy"]["noise_std"] == pytest.approx(1.0 * 0.5 / 2)  # z C / N
+    assert straight["final"]["privacy"]["epsilon"] == epsilon[2] and "stopped" not in straight["final"]["privacy"]
+    assert (tmp_path / "straight/tiny/privacy.json").exists()
+    assert "Privacy of the updates" in (tmp_path / "straight/tiny/report.html").read_text()
+
+    resumed_dir = tmp_path / "resumed"
+    run(cohort, resumed_dir, "federation.rounds=1", "federation.evaluate_sites=false")
+    resumed = run(cohort, resumed_dir, "federation.rounds=2", "federation.evaluate_sites=false")
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
+    assert resumed["rounds"][2]["privacy"]["releases"] == 2  # the accounting went on, it did not restart
+    assert resumed["rounds"][2]["privacy"]["epsilon"] == pytest.approx(epsilon[2])
+
+
+def test_a_failing_site_and_a_budget_below_two_rounds_stop_cleanly_after_round_one(cohort: Path, tmp_path: Path) -> None:
+    from flwr.serverapp import PrivacyConfig, RdpAccountant
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
+
+    accountant = RdpAccountant(PrivacyConfig(target_delta=1e-5, population_size=3,
+                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    accountant.compose(GaussianPrivacyEvent(1.0, 3, 3), 2)
+    two_rounds = accountant.get_privacy_spent().epsilon
+    empty = tmp_path / "site-empty"  # every message to it fails: no usable case
+    empty.mkdir()
+    (empty / "labels.csv").write_text("case_id,idh,codeletion_1p19q,grade,mgmt\n")
+    nodes = site_nodes(cohort, ["site-a", "site-b"])
+    nodes[3] = {"data-path": str(empty), "site-name": "site-empty"}
+    history = run(cohort, tmp_path / "runs", "federation.rounds=3", "federation.min_nodes=3",
+                  f"federation.dp_epsilon_budget={two_rounds * 0.9}", nodes=nodes)
+    assert [r["round"] for r in history["rounds"]] == [0, 1]  # round 1 kept, round 2 never started
+    first = history["rounds"][1]
+    assert set(first["train"]) == {"site-a", "site-b"} and "site-empty" in next(iter(first["failures"].values()))
+    assert first["privacy"]["releases"] == 1 and first["privacy"]["noise_std"] == pytest.approx(0.5 / 2)
+    assert set(first["sites"]) >= {"site-a", "site-b"}  # the budget's last model was validated by the sites
+    stopped = history["final"]["privacy"]["stopped"]
+    assert "stops after round 1 instead of 3" in stopped and "dp_epsilon_budget" in stopped
+    assert history["final"]["round"] == 1
