@@ -186,6 +186,8 @@ class FederationConfig:
     on_quorum_fail: str = "skip"
     rejoin_wait_s: float = 30.0  # after round 1, how long a phase waits for a missing site
     min_metric_cases: int = 5  # a site sends no metric computed over fewer cases than this
+    # JSON {site: node_id} of the keys the coordinator registered (server.strategy.identity); "" = bind at first sight
+    registered_sites: str = ""
     # client-level differential privacy of the global models (server.strategy.privacy): each site's
     # update clipped to dp_clipping_norm (adaptive: the initial norm, then following the median
     # update norm), equal-weight average, Gaussian noise std dp_noise_multiplier x norm / sites;

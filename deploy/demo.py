@@ -75,8 +75,13 @@ def _progress_printer(metrics_path: Path, total_rounds: int):
                     extra += f" pseudo-labels accepted={m['pseudo_accepted']:.0f} used={m.get('pseudo_used', 0):.0f}"
                 if "loss_consistency_seg" in m:  # the EMA teacher's consistency terms (GMMAS stage 2)
                     extra += f" consistency seg={_f(m['loss_consistency_seg'])} cls={_f(m.get('loss_consistency_cls'))}"
-                print(f"      {site}: loss={_f(m.get('loss'))} cases={_f(m.get('num-examples'))} "
+                loss = m.get("loss", m.get("loss_impute"))  # imputer pre-training reports its own loss
+                print(f"      {site}: loss={_f(loss)} cases={_f(m.get('num-examples'))} "
                       f"time={_f(m.get('seconds'))}s{extra}", flush=True)
+            if entry.get("stage") == "pretrain_imputer":
+                idle = [site for site, m in sorted(entry.get("train", {}).items()) if not m.get("num-examples")]
+                if idle:
+                    print(f"      (no complete case to pre-train the imputer on: {', '.join(idle)})", flush=True)
             for kind in ("failures", "rejected", "bounded"):
                 for site, why in (entry.get(kind) or {}).items():
                     print(f"      {site} {kind[:-1] if kind.endswith('s') else kind}: {why}", flush=True)
@@ -138,7 +143,9 @@ def run_demo(
     cfg = compose(_overrides(list(overrides or [])))
     cfg = replace(
         cfg,
-        federation={"heldout": str(heldout), "out_dir": str(out), "min_nodes": len(site_dirs)},
+        federation={"heldout": str(heldout), "out_dir": str(out), "min_nodes": len(site_dirs),
+                    # the launcher's map of registered keys to site names: names known from round 1
+                    "registered_sites": str(workdir.expanduser().resolve() / "superlink" / "nodes.json")},
         # several sites share this machine's cores: one thread each avoids oversubscription
         train={"threads": 1, "progress": False},
     )

@@ -17,7 +17,7 @@ from server.strategy.bounds import UpdateBounds
 from server.strategy.fedavg import GliomaFedAvg
 from server.strategy.federation import FederationMixin
 from server.strategy.fedprox import GliomaFedProx
-from server.strategy.identity import SiteRegistry
+from server.strategy.identity import SiteRegistry, read_registered_sites
 from server.strategy.optimizers import GliomaFedAdam, GliomaFedAvgM, GliomaFedYogi
 from server.strategy.privacy import PrivateAveraging
 from server.strategy.robust import (
@@ -70,7 +70,8 @@ def build_strategy(
             max_examples=federation.max_examples,
             max_examples_ratio=federation.max_examples_ratio,
         ),
-        registry=SiteRegistry(identities),
+        registry=SiteRegistry(identities, read_registered_sites(Path(federation.registered_sites))
+                              if federation.registered_sites else None),
         wire_dtype=federation.wire_dtype,
         privacy=privacy,
         min_train_nodes=federation.min_nodes,

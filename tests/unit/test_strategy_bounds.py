@@ -262,3 +262,27 @@ def test_registry_file_damage_is_named(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError, match="sites.json is damaged"):
         SiteRegistry(path)
+
+
+def test_with_the_coordinators_map_names_are_known_and_fixed_from_the_first_round(tmp_path: Path) -> None:
+    registered = tmp_path / "nodes.json"
+    registered.write_text(json.dumps({"site-a": {"node_id": 11, "key": ["k"]}, "site-b": 12, "site-c": 13}))
+    strategy = make_strategy(registered_sites=str(registered), min_nodes=3)
+    sent = send(strategy, [11, 12, 13])
+    died = Message(Error(code=0, reason="node unavailable"), reply_to=sent[13])
+    strategy.aggregate_train(1, [
+        answer(sent[11], "site-a", 0.1, 10),
+        answer(sent[12], "site-a", 0.1, 10),  # site-b's node claims site-a at first sight
+        died,  # site-c dies before it ever replied
+    ])
+    log = strategy.pop_round()
+    assert log["failures"] == {"site-c": "node unavailable"}
+    assert "registered as site 'site-b'" in log["rejected"]["site-b"]
+    assert set(log["train"]) == {"site-a"}
+
+
+def test_a_broken_coordinator_map_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "nodes.json"
+    bad.write_text('{"site-a": 1, "site-b": 1}')
+    with pytest.raises(ValueError, match="registered_sites.*listed for both"):
+        make_strategy(registered_sites=str(bad))
