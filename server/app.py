@@ -91,7 +91,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
             sites=sites,
             train=round_log["train"],
             extra={
-                "stage": "initial" if global_round == 0 else schedule.stage(global_round),
+                "stage": schedule.stage_name(global_round),
                 "rejected": round_log["rejected"],
                 "failures": round_log["failures"],
                 "bounded": round_log["bounded"],

@@ -66,6 +66,14 @@ class RoundSchedule:
             return "pretrain_imputer"
         return "supervised"
 
+    def stage_name(self, global_round: int) -> str:
+        """What metrics.json, the report and the progress call the round: its stage, with the
+        supervised rounds that (re)select pseudo-labels named ``pseudo_label``."""
+        if global_round == 0:
+            return "initial"
+        stage = self.stage(global_round)
+        return "pseudo_label" if stage == "supervised" and self.pseudo_labeling(global_round) else stage
+
     def pseudo_labeling(self, global_round: int) -> bool:
         if not self.cfg.ssl.enabled:
             return False

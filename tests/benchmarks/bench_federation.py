@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "runs/bench-federation")
     p.add_argument("--report", type=Path, default=ROOT / "docs/benchmarks/federation.md")
     p.add_argument("--fp16", action="store_true", help="also run with float16 weights on the wire")
+    p.add_argument("--from-runs", action="store_true", help="only re-render the table from the run folders under --out")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     from fedglioma.cli import parse_args_with_overrides
 
@@ -51,30 +52,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def round_rows(history: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trained round: wall time, slowest site, ratios, phases, bytes."""
+    """One row per trained round: the training phase's wall time, the slowest site, ratios,
+    phases, bytes. The evaluate message after the last round is a phase of its own (``final_eval_s``)."""
     rows = []
-    for entry in history["rounds"]:
-        if entry["round"] == 0:
+    rounds = {entry["round"]: entry for entry in history["rounds"]}
+    for number, entry in sorted(rounds.items()):
+        if number == 0:
             continue
         seconds = entry.get("seconds") or {}
-        wall = float(seconds.get("train", 0.0)) + float(seconds.get("site_eval", 0.0))
+        wall = float(seconds.get("train", 0.0))
         train = entry.get("train") or {}
-        slowest = max(train.items(), key=lambda kv: kv[1].get("seconds", 0.0), default=(None, {}))
-        site, m = slowest
+        site, m = max(train.items(), key=lambda kv: kv[1].get("seconds", 0.0), default=(None, {}))
         training = float(m.get("seconds", 0.0))
         message = float(m.get("message_seconds", 0.0))
+        # the site validated the previous round's global model inside this message
+        validated = ((rounds.get(number - 1) or {}).get("sites") or {}).get(site, {})
         rows.append({
-            "round": entry["round"],
+            "round": number,
             "stage": entry.get("stage"),
             "wall_s": wall,
             "slowest_site": site,
             "slowest_training_s": training,
             "slowest_message_s": message,
             "slowest_open_s": float(m.get("open_seconds", 0.0)),
-            "slowest_validation_s": float(m.get("val/seconds", 0.0)) if "val/seconds" in m else None,
+            "slowest_validation_s": float(validated["seconds"]) if "seconds" in validated else None,
+            "slowest_pseudo_s": float(m["pseudo_seconds"]) if "pseudo_seconds" in m else None,
             "ratio_training": wall / training if training > 0 else None,
-            "ratio_message": wall / message if message > 0 else None,
+            "ratio_message": wall / message if message > 1.0 else None,  # not for empty rounds
             "overhead_s": wall - training,
+            "flower_s": wall - message if message > 0 else wall,
+            "final_eval_s": float(seconds["site_eval"]) if "site_eval" in seconds else None,
             "phases_s": {k: float(v) for k, v in seconds.items()},
             "bytes": entry.get("bytes") or {},
         })
@@ -85,13 +92,22 @@ def run(name: str, args: argparse.Namespace, overrides: list[str]) -> dict[str, 
     from deploy.demo import run_demo
 
     out = args.out / name
+    if args.from_runs:  # re-read a finished invocation (e.g. after changing this table)
+        run_dir = out / "runs" / name
+        return {**summarize(name, overrides, json.loads((run_dir / "metrics.json").read_text())),
+                "seconds": json.loads(args.report.with_suffix(".json").read_text())[[r["name"] for r in
+                           json.loads(args.report.with_suffix(".json").read_text())].index(name)]["seconds"]}
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     run_dir = run_demo(args.data, preset=args.preset, workdir=out / "federation", out=out / "runs",
                        overrides=[*args.overrides, *overrides, f"federation.run_name={name}"])
     history = json.loads((run_dir / "metrics.json").read_text())
-    return {"name": name, "overrides": overrides, "seconds": time.perf_counter() - started,
-            "rounds": round_rows(history), "final_heldout": history["final"]["heldout"]}
+    return {**summarize(name, overrides, history), "seconds": time.perf_counter() - started}
+
+
+def summarize(name: str, overrides: list[str], history: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "overrides": overrides, "rounds": round_rows(history),
+            "final_heldout": history["final"]["heldout"]}
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -107,40 +123,63 @@ def render(results: list[dict[str, Any]], command: str) -> str:
         "2 shared CPU cores, no GPU). All runs in one invocation; ratios are within one run.",
         "",
         "Real processes: TLS SuperLink with node authentication, one SuperNode per site on 127.0.0.1,",
-        "signed app. *wall*: the server's time for the round's federated phases (training message and,",
-        "after the last round, the evaluate message); *training*: the slowest site's training loop;",
-        "*message*: that site's whole ClientApp call (opening the site, validating the received model,",
-        "training); *overhead* = wall - training.",
+        "signed app. *wall*: the server's time for the round's training message, from sending to the",
+        "last reply; *training*: the slowest site's training loop; *message*: that site's whole",
+        "ClientApp call (model set-up, opening the site, validating the received global model,",
+        "selecting pseudo-labels, training); *validation* and *pseudo*: those parts of it;",
+        "*Flower* = wall - message (process start, polling, transfer); *overhead* = wall - training.",
+        "The evaluate message after the last round (the final model's validation) is listed apart.",
         "",
     ]
     for result in results:
         lines += [f"## {result['name']} ({' '.join(result['overrides']) or 'demo defaults'}; "
                   f"{result['seconds']:.0f} s in all)", "",
-                  "| round | stage | wall s | slowest site | training s | message s | open s | validation s | wall/training | wall/message | overhead s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| round | stage | wall s | slowest site | training s | message s | validation s | pseudo s | Flower s | wall/training | wall/message | overhead s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["rounds"]:
             lines.append("| " + " | ".join([
                 str(row["round"]), str(row["stage"]), fmt(row["wall_s"], 1), str(row["slowest_site"]),
-                fmt(row["slowest_training_s"], 1), fmt(row["slowest_message_s"], 1), fmt(row["slowest_open_s"], 1),
-                fmt(row["slowest_validation_s"], 1), fmt(row["ratio_training"]), fmt(row["ratio_message"]),
-                fmt(row["overhead_s"], 1)]) + " |")
+                fmt(row["slowest_training_s"], 1), fmt(row["slowest_message_s"], 1),
+                fmt(row["slowest_validation_s"], 1), fmt(row["slowest_pseudo_s"], 1), fmt(row["flower_s"], 1),
+                fmt(row["ratio_training"]), fmt(row["ratio_message"]), fmt(row["overhead_s"], 1)]) + " |")
         lines.append("")
+        final = [r["final_eval_s"] for r in result["rounds"] if r["final_eval_s"] is not None]
+        if final:
+            lines.append(f"Evaluate message after the last round: {final[-1]:.1f} s.")
         first = result["rounds"][0] if result["rounds"] else None
         if first and first["bytes"]:
             lines.append("Bytes per site in round 1 (sent to / received from): " + ", ".join(
                 f"{site} {b['sent'] / 1e6:.2f} / {b['received'] / 1e6:.2f} MB" for site, b in sorted(first["bytes"].items())))
-            lines.append("")
+        lines.append("")
     if "demo" in by and "floor" in by:
         demo = [r for r in by["demo"]["rounds"] if r["round"] >= 2]
         floor = [r for r in by["floor"]["rounds"] if r["round"] >= 2]
         if demo and floor:
-            ratio = sum(r["ratio_training"] or 0 for r in demo) / len(demo)
-            overhead = sum(r["overhead_s"] for r in demo) / len(demo)
-            empty = sum(r["wall_s"] for r in floor) / len(floor)
+            def mean(values: list[float]) -> float:
+                return sum(values) / len(values)
+
+            empty = mean([r["wall_s"] for r in floor])
             lines += ["## Against the target (rounds 2+)", "",
-                      f"- mean wall/training ratio: {ratio:.2f} (target at most 1.10);",
-                      f"- mean overhead {overhead:.1f} s vs the empty-round floor {empty:.1f} s: "
-                      f"{overhead / empty:.2f}x (target at most 1.5x where the ratio cannot be met).", ""]
+                      f"- wall/training: mean {mean([r['ratio_training'] or 0 for r in demo]):.2f}, range "
+                      f"{min(r['ratio_training'] or 0 for r in demo):.2f}-{max(r['ratio_training'] or 0 for r in demo):.2f} "
+                      "(target at most 1.10): **not met**, see the reading below;",
+                      f"- wall/message: mean {mean([r['ratio_message'] or 0 for r in demo]):.2f}, range "
+                      f"{min(r['ratio_message'] or 0 for r in demo):.2f}-{max(r['ratio_message'] or 0 for r in demo):.2f};",
+                      f"- overhead (wall - training): mean {mean([r['overhead_s'] for r in demo]):.1f} s against the "
+                      f"empty-round floor {empty:.1f} s: {mean([r['overhead_s'] for r in demo]) / empty:.2f}x "
+                      "(target at most 1.5x); Flower's part (wall - message): mean "
+                      f"{mean([r['flower_s'] for r in demo]):.1f} s, {mean([r['flower_s'] for r in demo]) / empty:.2f}x the floor.",
+                      "",
+                      "Reading: what Flower itself adds to a round (wall - message) is about the empty-round "
+                      "floor, and the round takes at most ~1.1x the slowest site's whole message: the "
+                      "per-message work of before (a separate evaluate message, re-validating and "
+                      "re-preprocessing every case) is gone. What keeps wall/training above 1.10 is work the "
+                      "message does besides the training loop: validating the received global model (the "
+                      "separate evaluate message it replaces cost a whole round trip), selecting "
+                      "pseudo-labels in the pseudo-labeling rounds, and setting up the model and data "
+                      "(imports, model build, cached cases) in a fresh process, which Flower 1.41 requires "
+                      "for every message (adap/flower#3670). Counted as overhead, neither target is met.",
+                      ""]
     if "fp16" in by and "demo" in by:
         keys = ("dice_wt", "dice_tc", "dice_et", "auc_idh", "auc_1p19q", "auc_grade", "auc_mgmt")
         a, b = by["demo"]["final_heldout"], by["fp16"]["final_heldout"]
@@ -161,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fp16:
         runs.append(("fp16", ["federation.wire_dtype=float16"]))
     results = [run(name, args, overrides) for name, overrides in runs]
-    command = "make bench-federation" + (f" ARGS={shlex.quote(' '.join(argv))}" if argv else "")
+    shown = [a for a in (argv or []) if a != "--from-runs"]
+    command = "make bench-federation" + (f" ARGS={shlex.quote(' '.join(shown))}" if shown else "")
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(render(results, command))
     args.report.with_suffix(".json").write_text(json.dumps(results, indent=1))

@@ -25,3 +25,10 @@ def test_resume_offset_numbers_rounds_globally() -> None:
 def test_without_imputer_there_is_no_pretraining_stage() -> None:
     cfg = compose(["imputation.pretrain_rounds=3"])
     assert RoundSchedule(cfg).train_config(1)["stage"] == "supervised"
+
+
+def test_rounds_that_select_pseudo_labels_are_named_so() -> None:
+    cfg = compose(["model.imputation=true", "imputation.pretrain_rounds=1", "ssl.enabled=true", "ssl.warmup_rounds=2"])
+    schedule = RoundSchedule(cfg)
+    assert [schedule.stage_name(r) for r in range(0, 6)] == [
+        "initial", "pretrain_imputer", "supervised", "supervised", "pseudo_label", "pseudo_label"]
