@@ -111,6 +111,8 @@ class SiteSession:
             for c in (0, 1):  # class counts: the server sums them into federation-wide class weights
                 facts[f"count_{task}_{c}"] = float(sum(case.labels[t] == c for case in self.train_cases))
         facts["has_seg"] = float(sum(c.seg is not None for c in self.train_cases))
+        # the survival head is averaged by these (server.strategy.heads)
+        facts["labeled_survival"] = float(sum(c.survival is not None for c in self.train_cases))
         return facts
 
     # ----------------------------------------------------------------- train

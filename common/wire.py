@@ -21,6 +21,10 @@ import torch
 from flwr.app import ArrayRecord
 
 
+#: the survival head's module name under ``classifier`` (``classifier.survival.*``)
+SURVIVAL_HEAD = "survival"
+
+
 def head_group(task: str) -> str:
     """The wire group of one task's classifier head (averaged per task by the server)."""
     return f"classifier.heads.{task}"
@@ -29,10 +33,13 @@ def head_group(task: str) -> str:
 def group_of(name: str) -> str:
     """The parameter group of a state-dict key: its top-level module (``encoder.stages.0.w`` ->
     ``encoder``), except that the task-specific parameters of the classifier form one group per
-    task (``classifier.heads.idh.0.weight``, ``classifier.direct.idh.weight`` -> ``classifier.heads.idh``)."""
+    task (``classifier.heads.idh.0.weight``, ``classifier.direct.idh.weight`` -> ``classifier.heads.idh``),
+    and the survival head one of its own (``classifier.survival.*`` -> ``classifier.heads.survival``)."""
     parts = name.split(".")
     if len(parts) > 3 and parts[0] == "classifier" and parts[1] in ("heads", "direct"):
         return head_group(parts[2])
+    if len(parts) > 2 and parts[0] == "classifier" and parts[1] == SURVIVAL_HEAD:
+        return head_group(SURVIVAL_HEAD)  # averaged by the cases with a known survival, as a task head
     return parts[0]
 
 

@@ -11,8 +11,8 @@ stays selectable (``model.classifier_pooling=global``) for the ablation.
 
 Both return ``{task: (B, 2)}`` logits and keep their dropout in ``nn.Dropout`` layers, so
 MC-dropout (:mod:`common.evaluation.uncertainty`) switches them on. With ``survival=True`` they also
-hold a :class:`SurvivalHead` (``classifier.survival``, federated with the classifier's shared
-weights) whose log hazard ratio :meth:`_Heads.predict` returns beside the logits.
+hold a :class:`SurvivalHead` (``classifier.survival``, its own wire group, averaged over the sites
+by their cases with a known survival like a task head) whose log hazard ratio :meth:`_Heads.predict` returns beside the logits.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.contract import TASKS, VALIDATION_PREFIX
+from common.wire import SURVIVAL_HEAD
 from server.errors import FederationError, NodeWaitTimeout
 from server.schedule import RoundSchedule
 from common.arrays import cast_floats, nbytes
@@ -317,7 +318,7 @@ class FederationMixin:
         for name, (cap, why) in cap_weights(weights, self.declared, self.bounds).items():
             metrics = metrics_of[name]
             metrics[self.weighted_by_key] = cap  # type: ignore[attr-defined]
-            for task in TASKS:  # a head's weight cannot exceed the site's capped weight either
+            for task in (*TASKS, SURVIVAL_HEAD):  # a head's weight cannot exceed the site's capped weight either
                 key = head_weight_key(task)
                 if key in metrics:
                     metrics[key] = min(float(metrics[key]), cap)

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.contract import TASKS
-from common.wire import head_group
+from common.wire import SURVIVAL_HEAD, head_group
 
 
 def head_weight_key(task: str) -> str:
@@ -36,7 +36,7 @@ def average_heads(
     """
     replies = list(replies)
     out = ArrayRecord({key: averaged[key] for key in averaged.keys()})
-    for task in tasks:
+    for task in (*tasks, SURVIVAL_HEAD):  # the survival head: by the cases with a known survival
         key = head_group(task)
         if key not in out:
             continue

@@ -201,3 +201,26 @@ def test_float16_on_the_wire_is_averaged_in_float32_and_bytes_are_counted() -> N
     assert arrays["w"].numpy().dtype == np.float32 and np.allclose(arrays["w"].numpy(), 1.5)
     counted = strategy.pop_round()["bytes"]
     assert counted["a"] == {"sent": 6 * 2, "received": 6 * 2}  # six float16 values each way
+
+
+
+def test_the_survival_head_is_averaged_over_the_sites_with_known_survival() -> None:
+    from common.wire import group_of
+
+    assert group_of("classifier.survival.head.0.weight") == "classifier.heads.survival"
+    strategy = make_strategy()
+    current = ArrayRecord({"classifier": Array(np.zeros(3, np.float32)),
+                           "classifier.heads.survival": Array(np.zeros(2, np.float32))})
+    list(strategy.configure_train(1, current, ConfigRecord({}), FakeGrid([1, 2])))
+
+    def survival_reply(node: int, site: str, value: float, n: float, known: float) -> Message:
+        instruction = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
+        arrays = ArrayRecord({"classifier": Array(np.full(3, value, np.float32)),
+                              "classifier.heads.survival": Array(np.full(2, value, np.float32))})
+        metrics = MetricRecord({"num-examples": n, "labeled_survival": known})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site})}),
+                       reply_to=instruction)
+
+    arrays, _ = strategy.aggregate_train(1, [survival_reply(1, "a", 1.0, 30, 0), survival_reply(2, "b", 3.0, 10, 10)])
+    assert np.allclose(arrays["classifier"].numpy(), (30 + 30) / 40)
+    assert np.allclose(arrays["classifier.heads.survival"].numpy(), 3.0)  # only site b knew survival
