@@ -71,7 +71,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     schedule = RoundSchedule(replace(cfg, federation={"rounds": offset + remaining}) if budget_stop else cfg, offset=offset)
     strategy = build_strategy(cfg.federation, schedule=schedule, identities=identities, privacy=privacy)
 
-    calibrations = [Calibration()]  # the latest fit, for models the sites do not validate
+    latest = {"calibration": Calibration()}  # the latest fit, for models the sites do not validate
     pending: dict[str, Any] = {}  # a global model waiting for its validation in the next round's replies
 
     def complete(global_round: int, arrays: ArrayRecord, round_log: dict[str, Any], sites: dict[str, Any]) -> dict[str, float]:
@@ -79,8 +79,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         load_packed(model, arrays)
         # Calibration and model selection come from the sites' validation of this global model;
         # the held-out center only receives the calibration and is scored, it chooses nothing.
-        calibration = fit_calibration(sites.values()) if sites else calibrations[-1]
-        calibrations.append(calibration)
+        calibration = fit_calibration(sites.values()) if sites else latest["calibration"]
+        latest["calibration"] = calibration
         score = selection_score(sites)
         started = time.monotonic()
         metrics = heldout.evaluate(model, calibration)

@@ -156,3 +156,20 @@ def write_site(site_dir: Path | str, shape: Sequence[int] = (16, 16, 16)) -> Pat
         write_case(site_dir, case_id, shape=shape, naming=naming, sequences=sequences, seg=seg, et_label=et_label)
     write_labels_csv(site_dir, [(case_id, *labels) for case_id, *_, labels in SITE_CASES])
     return site_dir
+
+
+class FakeGrid:
+    """A Flower Grid stand-in for strategy tests: the connected node ids, nothing else."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def set_task_identity() -> None:
+    """Creating instruction messages outside a Flower runtime needs these ids (internal API)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1

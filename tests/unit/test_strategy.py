@@ -18,14 +18,12 @@ from flwr.app import (
 from common.config import compose, replace
 from server.schedule import RoundSchedule
 from server.strategy import FederationError, NodeWaitTimeout, build_strategy
+from tests.helpers import FakeGrid, set_task_identity
 
 
 @pytest.fixture(autouse=True)
 def task_identity() -> None:
-    # Creating instruction messages outside a Flower runtime needs these ids (internal API).
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    set_task_identity()
 
 
 def make_strategy(name: str = "fedavg", min_nodes: int = 2, node_wait_s: float = 1.0, **federation: object):
@@ -51,14 +49,6 @@ def reply(node: int, site: str, value: float, n: float, **metrics: float) -> Mes
 def failed(node: int, reason: str) -> Message:
     instruction = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
     return Message(Error(code=2, reason=reason), reply_to=instruction)
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
 
 
 def test_average_is_weighted_by_training_cases() -> None:

@@ -25,13 +25,12 @@ from server.schedule import RoundSchedule
 from server.strategy import NodeWaitTimeout, build_strategy
 from server.strategy.bounds import UpdateBounds, cap_weights, screen_distances
 from server.strategy.identity import SiteRegistry
+from tests.helpers import FakeGrid, set_task_identity
 
 
 @pytest.fixture(autouse=True)
 def task_identity() -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    set_task_identity()
 
 
 def make_strategy(identities: Path | None = None, **federation: object):
@@ -41,14 +40,6 @@ def make_strategy(identities: Path | None = None, **federation: object):
 
 def zeros() -> ArrayRecord:
     return ArrayRecord({"w": Array(np.zeros(8, np.float32)), "steps": Array(np.zeros(1, np.int64))})
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
 
 def send(strategy, nodes: list[int], server_round: int = 1, arrays: ArrayRecord | None = None) -> dict[int, Message]:
