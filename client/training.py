@@ -46,15 +46,27 @@ ExtraLoss = Callable[[nn.Module, Batch, "GliomaOutput"], tuple[torch.Tensor, Map
 StepHook = Callable[[nn.Module], None]
 
 
+#: Parameter-name prefix of the molecular classifier (its own learning rate, ``train.head_lr_scale``).
+CLASSIFIER_PREFIX = "classifier."
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message says where and what to try."""
 
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW (or SGD) over the trainable parameters; the molecular classifier's (``classifier.*``:
+    trunk, heads, descriptor paths, survival head) at ``lr * train.head_lr_scale``."""
+    head, body = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if name.startswith(CLASSIFIER_PREFIX) else body).append(p)
+    groups = [{"params": body}]
+    if head:
+        groups.append({"params": head, "lr": lr * cfg.train.head_lr_scale})
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.train.weight_decay)
 
 
 def encoder_gradient_shares(model: nn.Module, weighted: Mapping[str, torch.Tensor]) -> dict[str, float]:

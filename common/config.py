@@ -95,6 +95,9 @@ class TrainConfig:
     weight_decay: float = 1e-5
     local_epochs: int = 1
     grad_clip: float = 5.0
+    # learning-rate factor of the molecular classifier (trunk, heads, descriptor paths): with
+    # FedAvg a round moves the heads about as far as one site's steps, not all sites' together
+    head_lr_scale: float = 1.0
     cls_loss: str = "weighted_ce"  # "weighted_ce", "balanced_softmax" or "focal"
     focal_gamma: float = 2.0
     task_weighting: str = "uncertainty"  # "uncertainty" (Kendall) or "equal"
@@ -319,6 +322,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"federation.trimmed_beta={cfg.federation.trimmed_beta} must be in [0, 0.5)")
     if cfg.federation.dp != "off":
         _validate_dp(cfg.federation)
+    if cfg.train.head_lr_scale <= 0:
+        raise ConfigError(f"train.head_lr_scale={cfg.train.head_lr_scale} must be > 0 (1 = the encoder's learning rate)")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
 

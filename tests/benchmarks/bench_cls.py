@@ -17,7 +17,11 @@ held-out center 200 cases):
 * ``fed-tumor-keepopt`` ``fed-tumor`` with each site's AdamW state kept between rounds
                        (``train.keep_optimizer_state``) instead of restarting every round;
 * ``fed-tumor-12r``    ``fed-tumor`` with the same optimizer steps over twice the rounds (12 rounds
-                       of 12 local steps instead of 6 of one epoch = 24 steps at 48 cases a site).
+                       of 12 local steps instead of 6 of one epoch = 24 steps at 48 cases a site);
+* ``fed-tumor-fedavgm``, ``-fedadam``, ``-fedyogi`` ``fed-tumor`` with Flower's server-side
+                       optimizers (FedAvgM, FedAdam, FedYogi) in place of FedAvg;
+* ``fed-tumor-headlr10`` ``fed-tumor`` with the classifier at 10x the learning rate
+                       (``train.head_lr_scale=10``).
 
 Every network run selects ``best.pt`` and fits its calibration on the sites' validation splits;
 the held-out center is only scored. Per task: AUC, balanced accuracy, sensitivity, specificity and
@@ -52,6 +56,14 @@ NETWORK_ARMS: dict[str, list[str]] = {
     "fed-tumor-keepopt": ["train.keep_optimizer_state=true"],
     # the same optimizer steps as 6 rounds x 1 epoch (24 steps a site), averaged twice as often
     "fed-tumor-12r": ["federation.rounds=12", "train.max_steps=12"],
+    # Flower's server-side optimizers on the averaged update, at their configured defaults
+    # (federation.server_momentum / server_lr): issue #13 asks how they move the centralized gap
+    "fed-tumor-fedavgm": ["federation.strategy=fedavgm"],
+    "fed-tumor-fedadam": ["federation.strategy=fedadam"],
+    "fed-tumor-fedyogi": ["federation.strategy=fedyogi"],
+    # the classifier at 10x the learning rate: a FedAvg round moves the heads about as far as one
+    # site's local steps, a centralized epoch as far as all sites' steps together
+    "fed-tumor-headlr10": ["train.head_lr_scale=10"],
 }
 ARMS = ("prior", "lr-gt", "lr-pred", *NETWORK_ARMS)
 SCORES = ("auc", "bacc", "sen", "spe", "ece")

@@ -144,3 +144,20 @@ def test_tiny_network_learns_a_tumor_size_label_in_a_few_dozen_steps() -> None:
     # the shares of the gradient into the shared encoder were measured and add up
     shares = [result.metrics[f"grad_share_{t}"] for t in ("seg", *TASKS)]
     assert sum(shares) == pytest.approx(1.0) and result.metrics["grad_share_1p19q"] == 0.0
+
+
+def test_the_classifier_gets_its_own_learning_rate() -> None:
+    """train.head_lr_scale multiplies the learning rate of every ``classifier.*`` parameter only."""
+    from client.training import build_optimizer
+
+    cfg = compose(["+experiment=tiny", "train.head_lr_scale=10"])
+    model = build_model(cfg.model, cfg.data.size, seed=0)
+    optimizer = build_optimizer(model, cfg, lr=1e-3)
+    body, head = optimizer.param_groups
+    assert body["lr"] == pytest.approx(1e-3) and head["lr"] == pytest.approx(1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[0] for p in head["params"]} == {"classifier"}
+    assert all(not names[id(p)].startswith("classifier.") for p in body["params"])
+    assert len(body["params"]) + len(head["params"]) == sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="head_lr_scale"):
+        compose(["train.head_lr_scale=0"])
