@@ -26,9 +26,9 @@ from server.strategy.secure import quantization_error
 pytestmark = pytest.mark.integration
 
 SITES = ["site-a", "site-b", "site-c"]
-# one round, no site validation: only the training messages; bounds off (a masked update has none)
-COMMON = ("federation.rounds=1", "federation.min_nodes=3", "federation.update_bound=off",
-          "federation.evaluate_sites=false", "train.max_steps=2")
+# one round (the sites validate round 0's model in its training message, the final one in an evaluate
+# message); bounds off (a masked update has none)
+COMMON = ("federation.rounds=1", "federation.min_nodes=3", "federation.update_bound=off", "train.max_steps=2")
 SECURE = ("federation.secure_aggregation=secaggplus", "federation.secagg_num_shares=3",
           "federation.secagg_reconstruction_threshold=2")
 
@@ -58,7 +58,8 @@ def plain(cohort: Path, tmp_path_factory) -> tuple[dict[str, RecordDict], dict[s
     """Each site's training reply of a plain FedAvg round (same seeds), and the initial model."""
     out = tmp_path_factory.mktemp("plain")
     grid = run_inprocess(config(cohort, out), site_nodes(cohort, SITES))
-    replies = {str(r.content.config_records["site"]["name"]): r.content for r in grid.replies if r.has_content()}
+    replies = {str(r.content.config_records["site"]["name"]): r.content for r in grid.replies
+               if r.has_content() and r.content.array_records}  # the training replies
     assert sorted(replies) == SITES
     return replies, global_model(out, 0)
 
@@ -109,6 +110,8 @@ def test_secure_global_model_equals_fedavg_within_the_quantization_error(cohort,
     assert record["applied"] and sorted(record["summed"]) == SITES and record["lost"] == {}
     assert record["step"] == pytest.approx(bounds["step"])
     assert sorted(history["rounds"][1]["train"]) == SITES  # the sites' metrics reached the server
+    # model selection and calibration: round 0 validated in the collect-stage replies, round 1 by evaluate messages
+    assert sorted(history["rounds"][0]["sites"]) == SITES and sorted(history["rounds"][1]["sites"]) == SITES
     assert history["rounds"][1]["bytes"]["site-a"]["received"] > 0
     assert history["final"]["secure_aggregation"]["protocol"] == "secaggplus"
 
@@ -144,6 +147,7 @@ def test_a_site_lost_before_its_masked_vector_is_survived_above_the_threshold(co
     assert record["applied"] and sorted(record["summed"]) == ["site-a", "site-b"]
     assert record["lost"] == {"site-c": Stage.COLLECT_MASKED_VECTORS}
     assert "site-c" in history["rounds"][1]["quorum"]["missing"]
+    assert sorted(history["rounds"][0]["sites"]) == ["site-a", "site-b"]  # site-c's validation was in its lost reply
 
 
 def test_below_the_reconstruction_threshold_the_run_stops_with_a_clear_error(cohort, tmp_path) -> None:
@@ -151,5 +155,5 @@ def test_below_the_reconstruction_threshold_the_run_stops_with_a_clear_error(coh
     cfg = config(cohort, tmp_path, *SECURE)
     grid_class = dropping({"site-b", "site-c"}, Stage.COLLECT_MASKED_VECTORS)
     # Execute / Assert
-    with pytest.raises(FederationError, match=r"could not unmask.*secagg_reconstruction_threshold=2.*site-b"):
+    with pytest.raises(FederationError, match=r"could not unmask.*secagg_reconstruction_threshold=2.*'site-b': 'collect_masked_vectors'"):
         run_inprocess(cfg, site_nodes(cohort, SITES), grid_class=grid_class)
