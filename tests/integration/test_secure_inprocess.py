@@ -114,6 +114,7 @@ def test_secure_global_model_equals_fedavg_within_the_quantization_error(cohort,
     assert sorted(history["rounds"][0]["sites"]) == SITES and sorted(history["rounds"][1]["sites"]) == SITES
     assert history["rounds"][1]["bytes"]["site-a"]["received"] > 0
     assert history["final"]["secure_aggregation"]["protocol"] == "secaggplus"
+    assert "Secure aggregation (SecAgg+" in (tmp_path / "tiny" / "report.html").read_text()
 
 
 def dropping(lost: set[str], stage: str) -> type[InProcessGrid]:
