@@ -29,9 +29,23 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.compat.common import recorddict_compat as compat
 
 from common.arrays import ARRAY_KEYS, float_keys
@@ -60,7 +74,7 @@ def update_fitres(reply: RecordDict, received: ArrayRecord) -> RecordDict:
     metrics = reply["metrics"]
     assert isinstance(metrics, MetricRecord)
     fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(update),
-                    num_examples=int(round(float(metrics["num-examples"]))), metrics={})  # type: ignore[arg-type]
+                    num_examples=round(float(metrics["num-examples"])), metrics={})  # type: ignore[arg-type]
     content = compat.fitres_to_recorddict(fitres, keep_input=False)
     content["metrics"] = metrics
     content["site"] = reply["site"]

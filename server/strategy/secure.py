@@ -37,9 +37,21 @@ from logging import WARNING
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import FitIns, FitRes, Parameters, Scalar, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.client_manager import ClientManager
@@ -149,7 +161,7 @@ class ProtocolGrid(Grid):
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
 
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102 - Grid's
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
         return self.grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -271,9 +283,11 @@ class SecureFedAvg(FedAvg):
         weights = [float(reply.content.metric_records[METRICS_RECORD]["num-examples"]) for _, reply in self.grid.collected]
         arrays, _ = self.federation.aggregate_train(server_round, [*replies, *self.grid.errors])
         tainted = sorted(set(summed) & set(self.federation.rejected))
+        notes: dict[str, Any] = {}
         if tainted and arrays is not None:
-            log(WARNING, "round %d: not applied: the secure sum includes the masked update of %s, whose reply was "
-                "rejected (%s); a masked update cannot be taken out of the sum", server_round, ", ".join(tainted),
+            notes["not_applied"] = (f"the secure sum includes the masked update of {', '.join(tainted)}, whose reply "
+                                    "was rejected; a masked update cannot be taken out of the sum")
+            log(WARNING, "round %d: not applied: %s (%s)", server_round, notes["not_applied"],
                 "; ".join(self.federation.rejected[name] for name in tainted))
             arrays = None
         self.federation.bytes.update({self.federation.registry.name_of(node): counts
@@ -286,6 +300,7 @@ class SecureFedAvg(FedAvg):
             **quantization_error(weights, max_weight=self.settings.secagg_max_weight,
                                  clipping_range=self.settings.secagg_clipping_range,
                                  quantization_range=self.settings.secagg_quantization_range),
+            **notes,
         }
         if arrays is None:
             return None, {}

@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Message, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.arrays import float_keys
@@ -121,7 +126,9 @@ def dropping(lost: set[str], stage: str) -> type[InProcessGrid]:
     """An InProcessGrid whose sites ``lost`` never answer SecAgg+'s ``stage`` (nor any later message)."""
 
     class Dropping(InProcessGrid):
-        gone: set[int] = set()
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.gone: set[int] = set()
 
         def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
             messages = list(messages)
