@@ -383,6 +383,11 @@ def _validate_secure(federation: FederationConfig) -> None:
             "weight caps compare each site's update with the others', and a masked update cannot be "
             "screened or clipped by the server. Set federation.update_bound=off"
         )
+    if federation.max_examples > 0:
+        raise ConfigError(
+            f"{mode} cannot cap weights (federation.max_examples={federation.max_examples}): a site weighs its own "
+            "update inside its masked vector, out of the server's reach. Set federation.max_examples=0"
+        )
     if federation.wire_dtype != "float32":
         raise ConfigError(
             f"{mode} needs federation.wire_dtype=float32 (got {federation.wire_dtype!r}): the sites' updates "

@@ -32,6 +32,7 @@ def test_secure_defaults_compose() -> None:
         (["federation.dp=fixed"], "cannot be combined with federation.dp='fixed'"),
         (["federation.update_bound=reject"], "needs federation.update_bound=off"),
         (["federation.wire_dtype=float16"], "needs federation.wire_dtype=float32"),
+        (["federation.max_examples=100"], "cannot cap weights"),
         (["federation.secagg_reconstruction_threshold=3"], "must be >= 2 and below federation.secagg_num_shares=3"),
         (["federation.secagg_num_shares=2"], "must be >= 3"),
         (["federation.min_nodes=2", "federation.secagg_num_shares=4", "federation.secagg_reconstruction_threshold=3"],
