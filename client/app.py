@@ -20,6 +20,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.state import site_location, site_state_path
 from common.arrays import cast_floats
@@ -81,29 +82,42 @@ def _guarded(stage: str, handler: Callable[[Message, Context], Message]) -> Call
 
 
 def _train(msg: Message, context: Context) -> Message:
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        # one of SecAgg+'s four messages (federation.secure_aggregation); the third trains with
+        # _train_content. Imported here: only secure runs pay for the protocol's crypto imports.
+        from client.secure import run_protocol
+
+        reply = run_protocol(msg, context, _train_content)
+        # every protocol reply names the site, so that the server can name a site lost mid-protocol
+        reply.content["site"] = _site_record(_site_name(context.node_config))
+        return reply
+    return Message(_train_content(msg.content, context), reply_to=msg)
+
+
+def _train_content(instruction: RecordDict, context: Context) -> RecordDict:
+    """Train on the site's data from ``instruction["arrays"]`` with ``instruction["config"]``; the
+    reply content: the local weights, the scalar metrics and the site's name."""
     started = time.perf_counter()
     cfg = from_run_config(context.run_config)
     if cfg.federation.empty_rounds:
         # benchmark floor: what Flower itself costs per message (process start, polling, transfer)
         metrics = MetricRecord({"num-examples": 1.0, "n_train": 1.0, "message_seconds": time.perf_counter() - started})
-        content = RecordDict({"arrays": msg.content["arrays"], "metrics": metrics,
-                              "site": _site_record(_site_name(context.node_config))})
-        return Message(content, reply_to=msg)
+        return RecordDict({"arrays": instruction["arrays"], "metrics": metrics,
+                           "site": _site_record(_site_name(context.node_config))})
     # torch, the model and the data layer: imported here so that empty rounds do without them
     from client.session import SiteSession
     from common.model import build_model
     from common.wire import load_packed, pack_state
 
     model = build_model(cfg.model, cfg.data.size)
-    load_packed(model, msg.content["arrays"])
+    load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
     opened = time.perf_counter()
     site = SiteSession.open(context.node_config, cfg)
     open_seconds = time.perf_counter() - opened
-    metrics = site.train(model, msg.content["config"])
+    metrics = site.train(model, instruction["config"])
     metrics.update(open_seconds=open_seconds, message_seconds=time.perf_counter() - started)
     arrays = cast_floats(pack_state(model.state_dict()), cfg.federation.wire_dtype)
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(site.name)})
-    return Message(content, reply_to=msg)
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(site.name)})
 
 
 def _evaluate(msg: Message, context: Context) -> Message:

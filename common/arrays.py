@@ -27,3 +27,13 @@ def cast_floats(record: ArrayRecord, dtype: str) -> ArrayRecord:
 def nbytes(record: ArrayRecord) -> int:
     """The bytes of the arrays of ``record`` (what a message carries, apart from a small header)."""
     return int(sum(record[key].numpy().nbytes for key in record.keys()))
+
+
+#: The key of a SecAgg+ ``FitIns`` config that names the packed arrays in order: legacy ``Parameters``
+#: have no names (server.strategy.secure sends it, client.secure reads it)
+ARRAY_KEYS = "array-keys"
+
+
+def float_keys(record: ArrayRecord) -> list[str]:
+    """The keys of the floating-point arrays of ``record``, in order: what SecAgg+ sums."""
+    return [key for key in record.keys() if np.issubdtype(record[key].numpy().dtype, np.floating)]

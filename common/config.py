@@ -36,6 +36,13 @@ WIRE_DTYPES: tuple[str, ...] = ("float32", "float16")
 DP_MODES: tuple[str, ...] = ("off", "fixed", "adaptive")
 #: The strategies client-level DP works with: its noise is calibrated to a plain average.
 DP_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+SECURE_AGGREGATIONS: tuple[str, ...] = ("off", "secaggplus")
+#: The strategies SecAgg+ works with: they need only the (weighted) sum of the sites' updates, which
+#: is all the protocol reveals; the robust ones (median, trimmed mean, Krum, Bulyan) need each update.
+SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
+#: SecAgg+'s masking modulus (Flower's default, the largest it allows): the quantized sum of all
+#: sites must stay below it.
+SECAGG_MODULUS = 2**32
 
 Scalar = bool | int | float | str
 
@@ -201,6 +208,18 @@ class FederationConfig:
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
     dp_epsilon_budget: float = 0.0
+    # secure aggregation (server.secure): "secaggplus" sums the sites' updates with Flower's SecAgg+
+    # (masked, quantized), so the server sees only the weighted mean update, never one site's. Each
+    # site's key is split into secagg_num_shares shares; a round survives dropouts as long as every
+    # site keeps secagg_reconstruction_threshold live neighbours. A site sends (cases / secagg_max_weight)
+    # x (local - global), clipped to +-secagg_clipping_range and quantized to secagg_quantization_range levels.
+    secure_aggregation: str = "off"  # one of SECURE_AGGREGATIONS
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_max_weight: float = 1000.0  # Flower's default: sites of up to 1000 training cases
+    secagg_clipping_range: float = 8.0  # Flower's default
+    # 2**26 (Flower: 2**22): 16x finer steps; the sum of up to SECAGG_MODULUS / 2**26 = 64 sites fits the modulus
+    secagg_quantization_range: int = 67108864
 
 
 @dataclass(frozen=True)
@@ -298,6 +317,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("federation", "site_validation"): SITE_VALIDATIONS,
         ("federation", "wire_dtype"): WIRE_DTYPES,
         ("federation", "dp"): DP_MODES,
+        ("federation", "secure_aggregation"): SECURE_AGGREGATIONS,
     }
     for (sname, key), allowed in choices.items():
         value = getattr(getattr(cfg, sname), key)
@@ -324,6 +344,8 @@ def validate(cfg: ExperimentConfig) -> None:
         _validate_dp(cfg.federation)
     if cfg.train.head_lr_scale <= 0:
         raise ConfigError(f"train.head_lr_scale={cfg.train.head_lr_scale} must be > 0 (1 = the encoder's learning rate)")
+    if cfg.federation.secure_aggregation != "off":
+        _validate_secure(cfg.federation)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
 
@@ -343,6 +365,64 @@ def _validate_dp(federation: FederationConfig) -> None:
         raise ConfigError(f"federation.dp_delta={federation.dp_delta} must be in (0, 1), well below 1/min_nodes")
     if federation.dp_epsilon_budget < 0:
         raise ConfigError(f"federation.dp_epsilon_budget={federation.dp_epsilon_budget} must be >= 0 (0 = no budget)")
+
+
+def _validate_secure(federation: FederationConfig) -> None:
+    """SecAgg+ shows the server only the sum: what needs each site's update in the clear cannot run."""
+    mode = f"federation.secure_aggregation={federation.secure_aggregation!r}"
+    if federation.strategy not in SECURE_STRATEGIES:
+        raise ConfigError(
+            f"{mode} needs federation.strategy in {SECURE_STRATEGIES}, got {federation.strategy!r}: a robust "
+            "aggregator needs each site's update, which SecAgg+ hides. Choose one of them, or set "
+            "federation.secure_aggregation=off"
+        )
+    if federation.dp != "off":
+        raise ConfigError(
+            f"{mode} cannot be combined with federation.dp={federation.dp!r}: the server-side DP clips each "
+            "site's update, which SecAgg+ hides from the server. Set federation.dp=off or "
+            "federation.secure_aggregation=off"
+        )
+    if federation.update_bound != "off":
+        raise ConfigError(
+            f"{mode} needs federation.update_bound=off (got {federation.update_bound!r}): update bounds and "
+            "weight caps compare each site's update with the others', and a masked update cannot be "
+            "screened or clipped by the server. Set federation.update_bound=off"
+        )
+    if federation.max_examples > 0:
+        raise ConfigError(
+            f"{mode} cannot cap weights (federation.max_examples={federation.max_examples}): a site weighs its own "
+            "update inside its masked vector, out of the server's reach. Set federation.max_examples=0"
+        )
+    if federation.wire_dtype != "float32":
+        raise ConfigError(
+            f"{mode} needs federation.wire_dtype=float32 (got {federation.wire_dtype!r}): the sites' updates "
+            "travel as quantized integers, and the server adds their mean to the float32 global model the "
+            "sites started from. Set federation.wire_dtype=float32"
+        )
+    shares, threshold = federation.secagg_num_shares, federation.secagg_reconstruction_threshold
+    if shares < 3:
+        raise ConfigError(f"federation.secagg_num_shares={shares} must be >= 3 (Flower's SecAgg+ minimum)")
+    if not 2 <= threshold < shares:
+        raise ConfigError(
+            f"federation.secagg_reconstruction_threshold={threshold} must be >= 2 and below "
+            f"federation.secagg_num_shares={shares}"
+        )
+    if threshold > federation.min_nodes:
+        raise ConfigError(
+            f"federation.secagg_reconstruction_threshold={threshold} exceeds federation.min_nodes="
+            f"{federation.min_nodes}: no round could be unmasked. Lower the threshold or raise min_nodes"
+        )
+    if federation.secagg_max_weight <= 0 or federation.secagg_clipping_range <= 0:
+        raise ConfigError(
+            f"federation.secagg_max_weight={federation.secagg_max_weight} and federation.secagg_clipping_range="
+            f"{federation.secagg_clipping_range} must be > 0"
+        )
+    levels = federation.secagg_quantization_range
+    if not 2 <= levels < 2**31 or federation.min_nodes * levels >= SECAGG_MODULUS:
+        raise ConfigError(
+            f"federation.secagg_quantization_range={levels} must be in [2, 2**31) (a site quantizes to int32) and "
+            f"min_nodes x range below the masking modulus 2**32 (got {federation.min_nodes} sites): lower it"
+        )
 
 
 def to_mapping(cfg: ExperimentConfig) -> dict[str, dict[str, Scalar]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
@@ -29,6 +30,9 @@ class InProcessGrid:
     Args:
         nodes: node id -> node config (``data-path``, ``site-name``, optional ``state-path``).
         run_config: the flat run config every ClientApp sees.
+
+    Each node keeps one ``context.state`` across messages, as a SuperNode does: SecAgg+
+    (``client.secure``) holds its keys and shares there between the protocol's four messages.
     """
 
     def __init__(self, nodes: Mapping[int, Mapping[str, str]], run_config: Mapping[str, Any]) -> None:
@@ -36,6 +40,8 @@ class InProcessGrid:
         self.nodes = {int(k): dict(v) for k, v in nodes.items()}
         self.run_config = dict(run_config)
         self.replies: list[Message] = []
+        self.states = {node: RecordDict() for node in self.nodes}  # node id -> its context.state
+        self.run = Run.create_empty(run_id=1)  # Flower's legacy client manager reads grid.run.run_id
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
@@ -48,7 +54,7 @@ class InProcessGrid:
             # replies by it (server.strategy.identity)
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
-            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
+            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=self.states[node],
                               run_config=self.run_config)
             message = copy.deepcopy(message)  # apps may mutate what they receive
             try:
@@ -71,11 +77,14 @@ def site_nodes(cohort: Path, names: Iterable[str], state_root: Path | None = Non
     return nodes
 
 
-def run_inprocess(cfg: Any, nodes: Mapping[int, Mapping[str, str]]) -> InProcessGrid:
+def run_inprocess(
+    cfg: Any, nodes: Mapping[int, Mapping[str, str]], grid_class: type[InProcessGrid] = InProcessGrid
+) -> InProcessGrid:
     """Run the ServerApp for ``cfg`` (an :class:`common.config.ExperimentConfig` with absolute
-    ``federation.heldout``/``out_dir``) against in-process sites; returns the grid (its replies)."""
+    ``federation.heldout``/``out_dir``) against in-process sites; returns the grid (its replies).
+    ``grid_class``: an :class:`InProcessGrid` subclass, e.g. one that loses some replies (tests)."""
     run_config = to_run_config(cfg)
-    grid = InProcessGrid(nodes, run_config)
+    grid = grid_class(nodes, run_config)
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     return grid

@@ -24,6 +24,7 @@ from server.report import write_report
 from server.run_folder import RunFolder
 from server.schedule import RoundSchedule
 from server.strategy import FederationError, build_privacy, build_strategy
+from server.strategy.secure import start_secure
 
 app = ServerApp()
 IDENTITIES_FILE = "sites.json"  # site names bound to node ids (server.strategy.identity)
@@ -101,7 +102,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
                 "bytes": round_log["bytes"],
                 "calibration": calibration.as_metrics(),
                 "selection_score": score,
-                **({"privacy": round_log["privacy"]} if "privacy" in round_log else {}),
+                **{key: round_log[key] for key in ("privacy", "secure_aggregation") if key in round_log},
             },
         )
         folder.save_checkpoint(global_round, model.state_dict(), score, calibration.to_dict())
@@ -132,16 +133,13 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         return MetricRecord({k: float(v) for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)})
 
     if remaining > 0:
+        run = dict(grid=grid, initial_arrays=pack_state(model.state_dict()), num_rounds=remaining,
+                   timeout=cfg.federation.round_timeout_s, evaluate_fn=evaluate_fn)
         try:
-            strategy.start(
-                grid=grid,
-                initial_arrays=pack_state(model.state_dict()),
-                num_rounds=remaining,
-                timeout=cfg.federation.round_timeout_s,
-                train_config=ConfigRecord({}),
-                evaluate_config=ConfigRecord({}),
-                evaluate_fn=evaluate_fn,
-            )
+            if cfg.federation.secure_aggregation == "secaggplus":
+                start_secure(strategy, cfg.federation, **run)  # Flower's SecAgg+ workflow (legacy path)
+            else:
+                strategy.start(**run, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
         finally:
             if pending:  # the run stopped before the sites validated a finished model: keep it
                 complete(**pending.pop("model"), sites={})
@@ -152,6 +150,12 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {"heldout_cases": heldout.n_cases, "mode": "federated"}
     if privacy is not None:
         extra["privacy"] = {**privacy.record(), **({"stopped": budget_stop} if budget_stop else {})}
+    if cfg.federation.secure_aggregation != "off":
+        extra["secure_aggregation"] = {
+            "protocol": cfg.federation.secure_aggregation,
+            "note": "the server saw only the sum of the sites' updates; per-site update screening "
+                    "(bounds, clipping, weight caps) and per-head averaging did not apply",
+        }
     final = folder.finalize(extra=extra)
     if budget_stop is not None:
         log(WARNING, "%s", budget_stop)

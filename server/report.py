@@ -257,6 +257,19 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
             [str(r["round"]), str(r["privacy"].get("mode", "")), *(_sig(r["privacy"].get(k)) for k in keys)]
             for r in private]))
 
+    # SecAgg+ (federation.secure_aggregation): which sites each masked sum held, who was lost
+    secure = [r for r in rounds if r.get("secure_aggregation")]
+    if secure:
+        parts.append("<h2>Secure aggregation (SecAgg+: the server saw only the sum of the sites' updates)</h2>")
+        parts.append("<p>Per-site update screening (bounds, clipping, weight caps) and per-head averaging did not "
+                     "apply: the server never saw one site's update. step, weight error: the bound of the distance "
+                     "to plain FedAvg per weight, step + weight error x the largest site update.</p>")
+        parts.append(_table(["round", "applied", "summed", "lost (stage)", "step", "weight error"], [
+            [str(r["round"]), str(r["secure_aggregation"].get("applied")), ", ".join(r["secure_aggregation"].get("summed", [])),
+             "; ".join(f"{site}: {stage}" for site, stage in (r["secure_aggregation"].get("lost") or {}).items()),
+             _sig(r["secure_aggregation"].get("step")), _sig(r["secure_aggregation"].get("weight_error"))]
+            for r in secure]))
+
     parts.append("<h2>Plots</h2>")
     for path in plots:
         data = base64.b64encode(path.read_bytes()).decode()

@@ -15,6 +15,9 @@ The behaviour added to Flower's strategies (no torch here, as in Flower's own st
   after the first round a phase waits at most ``rejoin_wait_s`` for a missing site and goes on
   with the sites that are connected, as long as they make a quorum;
 * ``aggregate_evaluate`` keeps per-site validation metrics (not only their average);
+* with ``federation.secure_aggregation`` (:mod:`server.strategy.secure`) every reply carries the
+  securely summed aggregate instead of the site's own weights: the metrics are still screened and
+  filed by site, but no per-site bound or weight cap applies (the server never sees one update);
 * with ``federation.dp`` the screened replies are averaged by :mod:`server.strategy.privacy`
   (clipped, equal weights, Gaussian noise, accounted) instead of the bounds and the case-weighted
   average: a bound relative to the other sites' updates would make one site's inclusion depend on
@@ -90,6 +93,9 @@ class FederationMixin:
         self.privacy = privacy  # client-level DP averaging (federation.dp), None when off
         if privacy is not None:
             self.per_head_averaging = False  # every head's average over all sites, as the noise assumes
+        # True when the replies carry SecAgg+'s aggregate (server.strategy.secure), not each site's
+        # weights: the per-site bounds and weight caps cannot apply to masked updates
+        self.masked_updates = False
         self.min_nodes = int(self.min_available_nodes)  # type: ignore[attr-defined]
         self.stop_reason: str | None = None  # set when a round missed its quorum and the run stops
         # called with {site: validation metrics} of the received global model when a round's training
@@ -125,6 +131,8 @@ class FederationMixin:
         # wall-clock seconds of each phase as the server sees it (sending, site work, replies)
         self.seconds: dict[str, float] = {}
         self._phase_start: dict[str, float] = {}
+        # further sections of the round's record, e.g. "secure_aggregation" (server.strategy.secure)
+        self.notes: dict[str, Any] = {}
 
     def pop_round(self) -> dict[str, Any]:
         """Per-site results of the round just finished (then cleared)."""
@@ -141,6 +149,7 @@ class FederationMixin:
         }
         if self.privacy is not None:
             out["privacy"] = self.privacy.record()
+        out.update(self.notes)
         self.reset_round()
         return out
 
@@ -370,7 +379,7 @@ class FederationMixin:
             metrics = next(iter(reply.content.metric_records.values()))
             if "n_train" in metrics:
                 self.declared.setdefault(name, float(metrics["n_train"]))
-        if self.privacy is None:
+        if self.privacy is None and not self.masked_updates:
             kept = self._bound(kept)
         for name, reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
