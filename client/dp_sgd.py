@@ -192,8 +192,11 @@ class SiteAccountant:
         sample_rate = poisson.batch_sampler.sample_rate
         planned = epochs * len(poisson)
         self.check_budget(sample_rate, min(planned, max_steps) if max_steps else planned)
+        # the mean divides by the *expected* batch size q N (as Opacus' make_private does), never by
+        # the drawn one: how many cases a step drew must not show in the update
+        expected = max(1, round(len(loader.dataset) * sample_rate))
         dp = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                         expected_batch_size=loader.batch_size, generator=secret_generator())
+                         expected_batch_size=expected, generator=secret_generator())
         dp.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         return dp, poisson
 
