@@ -147,10 +147,10 @@ class SiteAccountant:
     site: str = ""
 
     @classmethod
-    def for_run(cls, folder: Path, train: TrainConfig, run_name: str, site: str = "") -> SiteAccountant:
-        """The accountant the site's earlier messages of run ``run_name`` left in ``folder``
+    def for_round(cls, folder: Path, train: TrainConfig, tag: RoundTag, site: str = "") -> SiteAccountant:
+        """The accountant the site's earlier messages of ``tag``'s run left in ``folder``
         (:func:`load_accountant`), with the config's noise, norm, delta and budget."""
-        return cls(load_accountant(folder, run_name), train.dp_sgd_noise_multiplier, train.dp_sgd_max_grad_norm,
+        return cls(load_accountant(folder, tag), train.dp_sgd_noise_multiplier, train.dp_sgd_max_grad_norm,
                    train.dp_sgd_delta, train.dp_sgd_epsilon_budget, site)
 
     @property
@@ -205,12 +205,16 @@ class SiteAccountant:
         return {"dp_sgd_epsilon": self.epsilon(), "dp_sgd_delta": self.delta, "dp_sgd_steps": float(self.steps)}
 
 
-def load_accountant(folder: Path, run_name: str) -> RDPAccountant:
-    """The accountant saved in ``folder`` by run ``run_name``, else a fresh one (no file, or another
-    run's). Within the same run name it continues whatever round wrote it, unlike the other site
-    state (:meth:`client.state.RoundTag.precedes`): a retried or rewound round trains on the same
-    cases again, and counting those steps twice over-states epsilon, which is safe, where starting
-    afresh would under-state it. A damaged file is an error naming it, never a silent restart."""
+def load_accountant(folder: Path, tag: RoundTag) -> RDPAccountant:
+    """The accountant saved in ``folder`` by an earlier message of the run ``tag`` belongs to, else
+    a fresh one (no file, another run's, or round 1: a new run under the same name restarts at
+    global round 1, as :class:`client.state.RoundTag` describes).
+
+    Unlike the other site state it also continues when the saved round is not before ``tag``'s
+    (a round retried, or a run resumed from an earlier checkpoint with ``federation.resume_from``):
+    those messages train on the same cases again, and counting them on top over-states epsilon,
+    which is safe, where starting afresh would under-state it. A damaged file is an error naming
+    it, never a silent restart."""
     path = Path(folder) / ACCOUNTANT_FILE
     accountant = RDPAccountant()
     if not path.exists():
@@ -219,9 +223,9 @@ def load_accountant(folder: Path, run_name: str) -> RDPAccountant:
     def parse(payload: dict) -> tuple[RoundTag, list[tuple[float, float, int]]]:
         return RoundTag.from_dict(payload), [(float(z), float(q), int(n)) for z, q, n in payload["history"]]
 
-    tag, history = read_state_file(path, "the DP-SGD accountant", "a fresh accountant (epsilon 0: only right for a "
-                                   "new run)", parse)
-    if tag.run_name == run_name:
+    saved, history = read_state_file(path, "the DP-SGD accountant", "a fresh accountant (epsilon 0: only right "
+                                     "for a new run)", parse)
+    if saved.run_name == tag.run_name and (saved.precedes(tag) or tag.global_round > 1):
         accountant.history = history
     return accountant
 

@@ -12,10 +12,12 @@ from opacus.accountants import RDPAccountant
 
 from client.dp_sgd import ACCOUNTANT_FILE, PrivacyBudgetError, SiteAccountant, load_accountant, poisson_sample_rate
 from client.session import SiteSession
+from client.state import RoundTag
 from client.training import LocalTrainer
 from common.config import ConfigError, compose
 from common.data.dataset import make_loader
 from common.model import build_model
+from common.runtime import configure_runtime
 
 TINY = ["+experiment=tiny", "train.threads=1", "data.size=16", "model.survival_head=false",
         "federation.min_metric_cases=1"]
@@ -32,6 +34,7 @@ def update_norm(site_dir: Path, tmp_path: Path, privacy: SiteAccountant | None, 
     model = build_model(cfg.model, cfg.data.size, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
     loader = make_loader(session.train_cases, cfg.data, train=True, seed=0)
+    configure_runtime(cfg, torch.device("cpu"))  # train.threads=1, as a site's session does
     trainer = LocalTrainer(model, cfg, torch.device("cpu"), loader.dataset.label_matrix())
     trainer.run(loader, epochs=1, lr=1.0, privacy=privacy)
     return float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before))))
@@ -62,10 +65,13 @@ def test_epsilon_accumulates_across_messages_and_restarts_for_a_new_run(site_dir
     # Prepare
     state = tmp_path / "state"
 
-    # Execute: two messages of run "a" (each a fresh session, as each Flower message is a new process), then run "b"
+    # Execute: two messages of run "a" (each a fresh session, as each Flower message is a new process),
+    # round 2 retried, then run "b", then run "a" anew (a new run under the same name restarts at round 1)
     first = train_message(site_dir, state, "a", 1)
     second = train_message(site_dir, state, "a", 2)
+    retried = train_message(site_dir, state, "a", 2)
     other = train_message(site_dir, state, "b", 1)
+    again = train_message(site_dir, state, "a", 1)
 
     # Assert: the second message continued the saved accountant: epsilon of both messages' steps together
     steps = first["dp_sgd_steps"]
@@ -74,7 +80,9 @@ def test_epsilon_accumulates_across_messages_and_restarts_for_a_new_run(site_dir
     expected = RDPAccountant()
     expected.history = [(1.0, rate, int(2 * steps))]
     assert 0.0 < first["dp_sgd_epsilon"] < second["dp_sgd_epsilon"] == pytest.approx(expected.get_epsilon(1e-5))
-    assert other["dp_sgd_epsilon"] == pytest.approx(first["dp_sgd_epsilon"]) and other["dp_sgd_steps"] == steps
+    assert retried["dp_sgd_steps"] == 3 * steps  # a retried round is counted on top, never from zero
+    for fresh in (other, again):
+        assert fresh["dp_sgd_epsilon"] == pytest.approx(first["dp_sgd_epsilon"]) and fresh["dp_sgd_steps"] == steps
     assert "loss" not in first  # the training losses are not covered by the noise: not sent
     assert (state / ACCOUNTANT_FILE).exists()
 
@@ -88,14 +96,14 @@ def test_budget_refuses_the_message_that_would_exceed_it(site_dir: Path, tmp_pat
     # Execute / Assert
     with pytest.raises(PrivacyBudgetError, match="train.dp_sgd_epsilon_budget"):
         train_message(site_dir, state, "a", 2, f"train.dp_sgd_epsilon_budget={budget}")
-    assert load_accountant(state, "a").history == [(1.0, poisson_sample_rate(int(first["n_train"]), 2),
+    assert load_accountant(state, RoundTag("a", 2)).history == [(1.0, poisson_sample_rate(int(first["n_train"]), 2),
                                                      int(first["steps"]))]  # nothing spent by the refusal
 
 
 def test_a_damaged_accountant_file_is_an_error_naming_it(tmp_path: Path) -> None:
     (tmp_path / ACCOUNTANT_FILE).write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match=f"{ACCOUNTANT_FILE}.*Delete the file"):
-        load_accountant(tmp_path, "a")
+        load_accountant(tmp_path, RoundTag("a", 2))
 
 
 @pytest.mark.parametrize(
