@@ -33,7 +33,8 @@ cannot give this network per-case gradients (checked on the ``tiny`` model with 
 
 So each case's gradient is the gradient of the *whole* training loss (segmentation, all tasks'
 classification, uncertainty weighting, FedProx term) computed on that case alone, as if it were a
-batch of one (:func:`per_sample_gradients`); it is exact for any code path of the model, and is
+batch of one (:func:`per_sample_gradients`; on the CPU the case twice, :func:`case_copies`); it is
+exact for any code path of the model, and is
 handed to DPOptimizer as ``p.grad_sample``, where Opacus' own clipping, noise and accounting take
 over. The cost is one forward/backward per case instead of one per batch (measured:
 docs/benchmarks/privacy-dpsgd.md). The Cox survival loss ranks cases against each other and has no
@@ -107,10 +108,30 @@ def poisson_loader(loader: DataLoader) -> DataLoader:
                       collate_fn=partial(_collate_or_none, loader.collate_fn), generator=loader.generator)
 
 
-def case_of(batch: Batch, index: int) -> Batch:
-    """Case ``index`` of ``batch`` as a batch of one (tensors and lists sliced on dimension 0)."""
-    return {k: v[index : index + 1] if torch.is_tensor(v) or isinstance(v, (list, tuple)) else v
-            for k, v in batch.items()}
+def case_copies(device: torch.device) -> int:
+    """How many copies of a case make up its own batch (:func:`per_sample_gradients`) on ``device``.
+
+    On the CPU, 2: for a batch of one small volume PyTorch's convolution takes its slow reference
+    kernel (``slow_conv3d``; ATen's ``use_mkldnn`` wants a batch of 2 or more, or a large input),
+    measured 8x slower than oneDNN's for an 8-channel 32^3 input. The same case twice takes oneDNN
+    and halves a case's forward/backward on the ``tiny`` model, with the same loss and gradient:
+    every term of the training loss is a mean over the batch's cases (only dropout draws differ
+    between the copies, and both are the same case's). Elsewhere 1."""
+    return 2 if device.type == "cpu" else 1
+
+
+def case_of(batch: Batch, index: int, copies: int = 1) -> Batch:
+    """Case ``index`` of ``batch`` as a batch of ``copies`` copies of it (tensors and lists taken
+    on dimension 0)."""
+    out: Batch = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            out[key] = value[index : index + 1].expand(copies, *value.shape[1:]).contiguous()
+        elif isinstance(value, (list, tuple)):
+            out[key] = [value[index]] * copies  # type: ignore[assignment]
+        else:
+            out[key] = value
+    return out
 
 
 def batch_size(batch: Batch) -> int:
@@ -118,14 +139,16 @@ def batch_size(batch: Batch) -> int:
     return int(batch["image"].shape[0])
 
 
-def per_sample_gradients(params: Sequence[nn.Parameter], batch: Batch | None, sample_loss: SampleLoss) -> None:
+def per_sample_gradients(params: Sequence[nn.Parameter], batch: Batch | None, sample_loss: SampleLoss,
+                         copies: int = 1) -> None:
     """Set ``p.grad_sample`` (n, *p.shape) for every parameter: row i is the gradient of
-    ``sample_loss`` on case i alone (zero for a parameter that case does not reach). ``batch``
-    None (an empty Poisson batch) gives zero rows, which DPOptimizer turns into a noise-only step."""
+    ``sample_loss`` on case i alone, as a batch of ``copies`` copies of it (:func:`case_copies`;
+    zero for a parameter that case does not reach). ``batch`` None (an empty Poisson batch) gives
+    zero rows, which DPOptimizer turns into a noise-only step."""
     n = 0 if batch is None else batch_size(batch)
     rows = [torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) for p in params]
     for i in range(n):
-        loss = sample_loss(case_of(batch, i))  # type: ignore[arg-type] - n > 0: batch is not None
+        loss = sample_loss(case_of(batch, i, copies))  # type: ignore[arg-type] - n > 0: batch is not None
         grads = torch.autograd.grad(loss, list(params), allow_unused=True)
         for row, grad in zip(rows, grads):
             if grad is not None:

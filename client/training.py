@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from client.dp_sgd import SiteAccountant, per_sample_gradients
+from client.dp_sgd import SiteAccountant, case_copies, per_sample_gradients
 from client.losses import MultiTaskLoss, class_counts_from_labels, class_weights_from_counts
 from common.config import ExperimentConfig
 from common.contract import SEG_TERM, TASKS
@@ -284,7 +284,8 @@ class LocalTrainer:
                 if privacy is not None:
                     # each case's gradient of the whole loss; Opacus clips, sums, noises and counts
                     per_sample_gradients(optimizer.params, batch, lambda case: self._check_finite(
-                        self._supervised_loss(case, extra_loss, anchor, proximal_mu)[0], where))
+                        self._supervised_loss(case, extra_loss, anchor, proximal_mu)[0], where),
+                        copies=case_copies(self.device))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if after_step is not None:

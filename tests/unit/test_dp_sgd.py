@@ -10,7 +10,15 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp_sgd import ACCOUNTANT_FILE, PrivacyBudgetError, SiteAccountant, load_accountant, poisson_sample_rate
+from client.dp_sgd import (
+    ACCOUNTANT_FILE,
+    PrivacyBudgetError,
+    SiteAccountant,
+    case_of,
+    load_accountant,
+    per_sample_gradients,
+    poisson_sample_rate,
+)
 from client.session import SiteSession
 from client.state import RoundTag
 from client.training import LocalTrainer
@@ -53,6 +61,31 @@ def test_each_case_clipped_bounds_the_update_where_plain_sgd_is_unbounded(site_d
     assert 0.0 < private <= norm * (1 + 1e-4)
     assert plain > 100 * norm
     assert privacy.steps == 1  # the step was counted
+
+
+def test_each_row_is_the_gradient_of_that_case_alone_also_from_two_copies(site_dir: Path) -> None:
+    # Prepare: a batch of two different cases; eval mode, so that dropout draws do not differ
+    cfg = compose(TINY)
+    session = SiteSession.open({"data-path": str(site_dir)}, cfg)
+    loader = make_loader(session.train_cases, cfg.data, train=False)
+    batch = next(iter(loader))
+    model = build_model(cfg.model, cfg.data.size, seed=0).eval()
+    configure_runtime(cfg, torch.device("cpu"))
+    trainer = LocalTrainer(model, cfg, torch.device("cpu"), loader.dataset.label_matrix())
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_of(b: dict) -> torch.Tensor:
+        return trainer.loss_fn(model(b["image"], b["available"], b.get("spacing")), b, model.task_weighting).total
+
+    # Execute
+    per_sample_gradients(params, batch, loss_of, copies=2)
+
+    # Assert: row i = the gradient of the loss of case i as a batch of one; the two rows differ
+    for i in range(2):
+        alone = torch.autograd.grad(loss_of(case_of(batch, i)), params, allow_unused=True)
+        for p, g in zip(params, alone):
+            torch.testing.assert_close(p.grad_sample[i], torch.zeros_like(p) if g is None else g, atol=1e-5, rtol=1e-3)
+    assert any(not torch.allclose(p.grad_sample[0], p.grad_sample[1]) for p in params)
 
 
 def train_message(site_dir: Path, state: Path, run_name: str, global_round: int, *overrides: str) -> dict[str, float]:
