@@ -353,8 +353,8 @@ def _validate_dp(federation: FederationConfig) -> None:
 
 
 def _validate_dp_sgd(cfg: ExperimentConfig) -> None:
-    """train.dp_sgd: positive noise and norm, and only the stages whose loss is a sum over cases
-    (each case's gradient can then be clipped on its own; see client.dp_sgd)."""
+    """train.dp_sgd: positive noise and norm, and only the stages and heads whose loss is a mean
+    over cases (each case's gradient can then be clipped on its own; see client.dp_sgd)."""
     train = cfg.train
     if train.dp_sgd_noise_multiplier <= 0:
         raise ConfigError(f"train.dp_sgd_noise_multiplier={train.dp_sgd_noise_multiplier} must be > 0 with "
@@ -367,15 +367,18 @@ def _validate_dp_sgd(cfg: ExperimentConfig) -> None:
                           "1 / (training cases of the largest site)")
     if train.dp_sgd_epsilon_budget < 0:
         raise ConfigError(f"train.dp_sgd_epsilon_budget={train.dp_sgd_epsilon_budget} must be >= 0 (0 = no budget)")
-    if cfg.model.survival_head:
-        raise ConfigError("train.dp_sgd needs model.survival_head=false: the Cox partial likelihood ranks the cases "
-                          "of a batch against each other, so no case has a gradient of its own to clip")
-    if cfg.ssl.enabled:
-        raise ConfigError("train.dp_sgd covers supervised training only: set ssl.enabled=false (pseudo-labels "
-                          "with distribution alignment and the consistency stage's CutMix mix cases together)")
-    if cfg.imputation.pretrain_rounds > 0:
-        raise ConfigError(f"train.dp_sgd does not cover imputer pre-training: set imputation.pretrain_rounds=0 "
-                          f"(got {cfg.imputation.pretrain_rounds})")
+    # every stage or head without a per-case loss, named at once (the demo experiment has several)
+    conflicts = {
+        "model.survival_head=false": (cfg.model.survival_head, "the Cox partial likelihood ranks the cases of a "
+                                      "batch against each other, so no case has a gradient of its own to clip"),
+        "ssl.enabled=false": (cfg.ssl.enabled, "pseudo-labels with distribution alignment and the consistency "
+                              "stage's CutMix mix cases together; DP-SGD covers supervised training only"),
+        "imputation.pretrain_rounds=0": (cfg.imputation.pretrain_rounds > 0,
+                                         "imputer pre-training has no DP-SGD form"),
+    }
+    found = {fix: why for fix, (bad, why) in conflicts.items() if bad}
+    if found:
+        raise ConfigError(f"train.dp_sgd needs {' '.join(found)}: " + "; ".join(found.values()))
 
 
 def to_mapping(cfg: ExperimentConfig) -> dict[str, dict[str, Scalar]]:
