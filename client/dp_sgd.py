@@ -227,6 +227,12 @@ class SiteAccountant:
         """Scalars for the reply: epsilon so far at delta, and the steps it covers."""
         return {"dp_sgd_epsilon": self.epsilon(), "dp_sgd_delta": self.delta, "dp_sgd_steps": float(self.steps)}
 
+    def save(self, folder: Path, tag: RoundTag) -> dict[str, float]:
+        """Keep the accountant in ``folder`` for the run's next message (:func:`save_accountant`), at
+        once after training; returns :meth:`metrics` to report."""
+        save_accountant(self.accountant, folder, tag)
+        return self.metrics()
+
 
 def load_accountant(folder: Path, tag: RoundTag) -> RDPAccountant:
     """The accountant saved in ``folder`` by an earlier message of the run ``tag`` belongs to, else

@@ -33,7 +33,7 @@ from client.consistency import (
     save_teacher,
 )
 from client.disclosure import withhold_small_groups, withhold_small_pseudo_label_groups
-from client.dp_sgd import SiteAccountant, save_accountant
+from client.dp_sgd import SiteAccountant
 from client.pseudo_labels import PseudoLabelHook, prepare_pseudo_labels
 from client.state import (
     RoundTag,
@@ -181,9 +181,7 @@ class SiteSession:
                 privacy=privacy,
             )
             if privacy is not None:
-                # saved at once, so that the next message of the run continues from these steps
-                save_accountant(privacy.accountant, self.state_dir, tag)
-                result.metrics.update(privacy.metrics())
+                result.metrics.update(privacy.save(self.state_dir, tag))  # the run's next message continues it
             if keep and result.optimizer_state is not None:
                 save_optimizer_state(result.optimizer_state, self.state_dir, tag)
             if regularizer is not None:
