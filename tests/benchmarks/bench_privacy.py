@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", choices=ROWS, default=["none", "client", "adaptive"],
                    help="which rows: none (no DP), client (fixed clipping, --multipliers), adaptive, "
                         "dpsgd (site-level DP-SGD, --dpsgd-multipliers, with the step-cost table)")
-    p.add_argument("--dpsgd-multipliers", type=float, nargs="+", default=[0.01, 0.5, 1.0, 2.0, 4.0],
+    p.add_argument("--dpsgd-multipliers", type=float, nargs="+", default=[0.0001, 0.001, 0.01, 0.5, 1.0, 2.0],
                    help="noise multipliers of the DP-SGD rows (the smallest: clipping with hardly any noise)")
     p.add_argument("--dpsgd-norm", type=float, default=1.0, help="train.dp_sgd_max_grad_norm of the DP-SGD rows")
     p.add_argument("--step-presets", nargs="*", default=["tiny", "demo"],
@@ -115,6 +115,10 @@ def run(name: str, data: Path, args: argparse.Namespace, dp: list[str], *, round
         "mean_auc": statistics.mean(aucs) if aucs else None,
         "epsilon": privacy.get("epsilon"),
         "dp_sgd_epsilon": max(site_epsilons) if site_epsilons else None,
+        # DP-SGD's noise on one weight per step (z C / expected batch) against the clipped mean
+        # gradient's share of it (norm <= C spread evenly over the weights): z sqrt(weights) / batch
+        "dp_sgd_noise_to_gradient": (cfg.train.dp_sgd_noise_multiplier * math.sqrt(weights) / cfg.data.batch_size
+                                     if cfg.train.dp_sgd else None),
         "delta": privacy.get("delta"),
         "noise_std": privacy.get("noise_std"),
         "weights": weights,
@@ -160,7 +164,8 @@ def step_cost(data: Path, preset: str, args: argparse.Namespace) -> dict[str, An
     session = SiteSession.open({"data-path": str(site), "site-name": site.name}, cfg)
     device = torch.device("cpu")
     configure_runtime(cfg, device)
-    loader = make_loader(session.train_cases, cfg.data, train=True, seed=0, cache_dir=session.preprocessed)
+    # no site cache: its preprocessed cases are those of the warm-up's data.size (32), whatever this preset's is
+    loader = make_loader(session.train_cases, cfg.data, train=True, seed=0)
     batch = move_batch(next(iter(loader)), device)
     model = build_model(cfg.model, cfg.data.size, seed=0)
     trainer = LocalTrainer(model, cfg, device, loader.dataset.label_matrix())
@@ -219,7 +224,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
                     ("noise / update per weight", lambda r: fmt(r["noise_to_update"])),
                     ("updates clipped", lambda r: f"{r['clipped']} of {r['updates']}")]
     if dpsgd:
-        columns.append(("DP-SGD epsilon per case (largest site)", lambda r: fmt(r.get("dp_sgd_epsilon"))))
+        columns += [("DP-SGD epsilon per case (largest site)", lambda r: fmt(r.get("dp_sgd_epsilon"))),
+                    ("DP-SGD noise / gradient per weight", lambda r: fmt(r.get("dp_sgd_noise_to_gradient")))]
     columns += [("s per round", lambda r: f"{r['round_seconds']:.1f}"),
                 ("MB per round", lambda r: f"{r['round_bytes'] / 1e6:.1f}")]
     lines = [
@@ -248,7 +254,10 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
         notes.append(
             f"DP-SGD column: each site's epsilon at delta 1e-5 for one of its training cases after all {args.rounds} "
             "rounds (its accountant in the site's state folder; the sites differ by their number of cases), the "
-            "largest of the sites'. The training-loss metrics are not sent under DP-SGD.")
+            "largest of the sites'; the noise's standard deviation on one weight per step (z*C / the expected "
+            "batch of 2) divided by C/sqrt(weights), the share of one weight in a mean clipped gradient of norm C "
+            "spread evenly, i.e. how many times a step's signal the noise is. The training-loss metrics are not "
+            "sent under DP-SGD.")
     notes.append(
         "The server's wall time of a training phase and the bytes to and from all sites per round. A warm-up run "
         f"fills the sites' caches first, so no row pays for them. {args.heldout} held-out cases give an AUC "
