@@ -166,15 +166,13 @@ class SiteAccountant:
     max_grad_norm: float
     delta: float
     epsilon_budget: float = 0.0
-    #: the site's name, for error messages
-    site: str = ""
 
     @classmethod
-    def for_round(cls, folder: Path, train: TrainConfig, tag: RoundTag, site: str = "") -> SiteAccountant:
+    def for_round(cls, folder: Path, train: TrainConfig, tag: RoundTag) -> SiteAccountant:
         """The accountant the site's earlier messages of ``tag``'s run left in ``folder``
         (:func:`load_accountant`), with the config's noise, norm, delta and budget."""
         return cls(load_accountant(folder, tag), train.dp_sgd_noise_multiplier, train.dp_sgd_max_grad_norm,
-                   train.dp_sgd_delta, train.dp_sgd_epsilon_budget, site)
+                   train.dp_sgd_delta, train.dp_sgd_epsilon_budget)
 
     @property
     def steps(self) -> int:
@@ -193,14 +191,14 @@ class SiteAccountant:
         return float(future.get_epsilon(self.delta))
 
     def check_budget(self, sample_rate: float, steps: int) -> None:
-        """Raise :class:`PrivacyBudgetError` when ``steps`` more steps would exceed the budget."""
+        """Raise :class:`PrivacyBudgetError` when ``steps`` more steps would exceed the budget (the
+        ClientApp's error reply puts the site's name in front of the message)."""
         if self.epsilon_budget <= 0:
             return
         after = self.projected_epsilon(sample_rate, steps)
         if after > self.epsilon_budget:
-            where = f"site {self.site}: " if self.site else ""
             raise PrivacyBudgetError(
-                f"{where}DP-SGD budget reached: epsilon {self.epsilon():.3g} spent in {self.steps} steps of this run; "
+                f"DP-SGD budget reached: epsilon {self.epsilon():.3g} spent in {self.steps} steps of this run; "
                 f"this message's {steps} steps would bring it to {after:.3g} > train.dp_sgd_epsilon_budget="
                 f"{self.epsilon_budget:g} (delta {self.delta:g}). The site trains no further in this run: raise "
                 "the budget or train.dp_sgd_noise_multiplier, or fewer rounds / local epochs"

@@ -166,7 +166,7 @@ class SiteSession:
             keep = cfg.train.keep_optimizer_state
             tag = self._round_tag(round_config)
             # train.dp_sgd: this run's accountant from the state folder (a fresh one for a new run)
-            privacy = SiteAccountant.for_round(self.state_dir, cfg.train, tag, self.name) if cfg.train.dp_sgd else None
+            privacy = SiteAccountant.for_round(self.state_dir, cfg.train, tag) if cfg.train.dp_sgd else None
             result = trainer.run(
                 loader,
                 stage=stage,

@@ -120,7 +120,7 @@ def run_baseline(
         # train.dp_sgd: DP-SGD over the pooled (or the one site's) cases; the accountant lives in the
         # run folder, so that a resumed baseline continues its epsilon
         tag = RoundTag(run_name, round_)
-        privacy = SiteAccountant.for_round(folder.root, cfg.train, tag, train_key) if cfg.train.dp_sgd else None
+        privacy = SiteAccountant.for_round(folder.root, cfg.train, tag) if cfg.train.dp_sgd else None
         result = trainer.run(train_loader, stage="supervised", epochs=cfg.train.local_epochs, desc=f"round {round_}",
                              privacy=privacy)
         metrics = {**result.metrics, "n_train": float(len(train_cases)), "num-examples": float(len(train_cases))}

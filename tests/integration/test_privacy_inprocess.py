@@ -95,3 +95,17 @@ def test_dp_sgd_epsilon_of_each_site_reaches_metrics_json_and_the_report(cohort:
         assert rounds[2][site]["dp_sgd_steps"] == 2 * rounds[1][site]["dp_sgd_steps"]
         assert "loss" not in rounds[2][site]
     assert "site-level DP-SGD" in (tmp_path / "runs/tiny/report.html").read_text()
+
+
+def test_a_site_past_its_dp_sgd_budget_refuses_with_a_reason_the_server_shows(cohort: Path, tmp_path: Path) -> None:
+    # Prepare: a budget below what one round's steps cost
+    nodes = site_nodes(cohort, ["site-a", "site-b"], state_root=tmp_path / "state")
+
+    # Execute / Assert: no site trains; the server stops naming each site's reason
+    with pytest.raises(Exception, match="no site returned a usable update") as stopped:
+        run(cohort, tmp_path / "runs", "federation.rounds=1", "federation.evaluate_sites=false", "train.dp_sgd=true",
+            "model.survival_head=false", "train.dp_sgd_epsilon_budget=0.1", nodes=nodes, dp=("federation.min_nodes=2",))
+    for site in ("site-a", "site-b"):
+        assert f"site {site}: PrivacyBudgetError: DP-SGD budget reached" in str(stopped.value)
+    assert "train.dp_sgd_epsilon_budget=0.1" in str(stopped.value)
+    assert not list((tmp_path / "state").rglob("dp_sgd_accountant.pt"))  # nothing was spent
