@@ -5,6 +5,9 @@ message in deployment): it validates the site folder, splits it deterministicall
 train/validation, and trains or evaluates the received global model. What it returns is scalar
 metrics only; case IDs and per-case outputs never leave this module.
 
+With ``train.dp_sgd`` the supervised stage is DP-SGD (:mod:`client.dp_sgd`); the site's accountant
+is kept in its state folder across the run's messages and its epsilon sent as ``dp_sgd_epsilon``.
+
 With ``ssl.enabled`` a site also keeps local state between rounds in its state folder (see
 :func:`site_state_path`): its pseudo-labels (:mod:`client.pseudo_labels`) and, with
 ``ssl.consistency``, its EMA teacher (:mod:`client.consistency`). That folder stays on the site.
@@ -30,6 +33,7 @@ from client.consistency import (
     save_teacher,
 )
 from client.disclosure import withhold_small_groups, withhold_small_pseudo_label_groups
+from client.dp_sgd import SiteAccountant
 from client.pseudo_labels import PseudoLabelHook, prepare_pseudo_labels
 from client.state import (
     RoundTag,
@@ -161,6 +165,8 @@ class SiteSession:
             regularizer = semi.regularizer
             keep = cfg.train.keep_optimizer_state
             tag = self._round_tag(round_config)
+            # train.dp_sgd: this run's accountant from the state folder (a fresh one for a new run)
+            privacy = SiteAccountant.for_round(self.state_dir, cfg.train, tag) if cfg.train.dp_sgd else None
             result = trainer.run(
                 loader,
                 stage=stage,
@@ -172,7 +178,10 @@ class SiteSession:
                 after_step=regularizer.after_step if regularizer is not None else None,
                 desc=self.name,
                 optimizer_state=load_optimizer_state(self.state_dir, tag) if keep else None,
+                privacy=privacy,
             )
+            if privacy is not None:
+                result.metrics.update(privacy.save(self.state_dir, tag))  # the run's next message continues it
             if keep and result.optimizer_state is not None:
                 save_optimizer_state(result.optimizer_state, self.state_dir, tag)
             if regularizer is not None:

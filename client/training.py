@@ -15,6 +15,11 @@ Semi-supervised learning plugs into the supervised stage through three optional 
   step (consistency regularisation, :mod:`client.consistency`); its terms are reported as
   ``loss_<name>`` metrics;
 * ``after_step(model)`` runs after every optimizer step (the EMA teacher update).
+
+With a :class:`client.dp_sgd.SiteAccountant` (``train.dp_sgd``) the supervised stage runs DP-SGD:
+Poisson batches, the whole loss's gradient of each case clipped and noised by Opacus, every step
+counted by the accountant; the stage then reports no loss values (they are statistics of the
+training cases that the noise does not cover), only steps and time.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from client.dp_sgd import SiteAccountant, case_copies, per_sample_gradients
 from client.losses import MultiTaskLoss, class_counts_from_labels, class_weights_from_counts
 from common.config import ExperimentConfig
 from common.contract import SEG_TERM, TASKS
@@ -131,7 +137,8 @@ class LocalTrainer:
             task_weighting=cfg.train.task_weighting,
             segmentation=cfg.train.segmentation,
         ).to(device)
-        self.use_amp = cfg.train.amp and device.type == "cuda"
+        # DP-SGD's per-case gradients go to Opacus unscaled: no float16 autocast and GradScaler there
+        self.use_amp = cfg.train.amp and device.type == "cuda" and not cfg.train.dp_sgd
 
     # ------------------------------------------------------------------ stages
     def run(
@@ -147,8 +154,12 @@ class LocalTrainer:
         after_step: StepHook | None = None,
         desc: str = "train",
         optimizer_state: dict | None = None,
+        privacy: SiteAccountant | None = None,
     ) -> StageResult:
         """Train ``epochs`` epochs of ``stage``; returns scalar metrics (mean losses, steps, time).
+
+        ``privacy``: run the supervised stage as DP-SGD, counted by this accountant (see the module
+        docstring); the imputer's pre-training has no private form and refuses it.
 
         ``optimizer_state``: a supervised stage's optimizer state from an earlier round to continue
         from (:attr:`StageResult.optimizer_state`); one that does not fit the parameters is not used
@@ -165,6 +176,8 @@ class LocalTrainer:
             given = [name for name, hook in hooks.items() if hook is not None]
             if given:
                 raise ValueError(f"stage 'pretrain_imputer' does not use {given}: pass them with stage='supervised' only")
+            if privacy is not None:
+                raise ValueError("stage 'pretrain_imputer' has no DP-SGD form: set imputation.pretrain_rounds=0 with train.dp_sgd")
             return self._run_pretrain(loader, epochs=epochs, lr=lr, desc=desc)
         return self._run_supervised(
             loader,
@@ -176,6 +189,7 @@ class LocalTrainer:
             after_step=after_step,
             desc=desc,
             optimizer_state=optimizer_state,
+            privacy=privacy,
         )
 
     def _progress(self, loader: Iterable[Batch], desc: str) -> Iterable[Batch]:
@@ -184,12 +198,17 @@ class LocalTrainer:
 
         return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
 
-    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, where: str) -> None:
+    @staticmethod
+    def _check_finite(loss: torch.Tensor, where: str) -> torch.Tensor:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) {where}. Lower train.lr, enable "
                 "train.grad_clip, or run `fedglioma check-site` on the data (NaN/constant volumes)."
             )
+        return loss
+
+    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, where: str) -> None:
+        self._check_finite(loss, where)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if self.cfg.train.grad_clip > 0:
@@ -199,6 +218,36 @@ class LocalTrainer:
             )
         scaler.step(optimizer)
         scaler.update()
+
+    def _supervised_loss(
+        self,
+        batch: Batch,
+        extra_loss: ExtraLoss | None,
+        anchor: list[torch.Tensor] | None,
+        proximal_mu: float,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float], GliomaOutput, dict[str, torch.Tensor]]:
+        """(total loss, detached terms, model output, weighted terms still on the graph) of one batch:
+        the multi-task loss, ``extra_loss`` and the FedProx proximal term. DP-SGD calls it on one
+        case at a time, so each case's gradient is that of this whole loss."""
+        model = self.model
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            output = model(batch["image"], batch["available"], batch.get("spacing"))
+            result = self.loss_fn(output, batch, model.task_weighting)
+            extra = extra_loss(model, batch, output) if extra_loss is not None else None
+        loss = result.total.float()
+        terms: dict[str, torch.Tensor | float] = dict(result.terms)
+        if extra is not None:
+            extra_total, extra_terms = extra
+            loss = loss + extra_total.float()
+            terms.update(extra_terms)
+        if anchor is not None:
+            # FedProx proximal term (Li et al. 2020): mu/2 * ||w - w_global||^2.
+            prox = sum(
+                ((p - a) ** 2).sum()
+                for p, a in zip((p for p in model.parameters() if p.requires_grad), anchor)
+            )
+            loss = loss + 0.5 * proximal_mu * prox
+        return loss, terms, output, result.weighted
 
     def _run_supervised(
         self,
@@ -212,6 +261,7 @@ class LocalTrainer:
         after_step: StepHook | None,
         desc: str,
         optimizer_state: dict | None = None,
+        privacy: SiteAccountant | None = None,
     ) -> StageResult:
         model = self.model
         model.train()
@@ -225,6 +275,8 @@ class LocalTrainer:
                 restored = 1.0
             except (ValueError, KeyError):
                 optimizer = build_optimizer(model, self.cfg, lr)  # another model shape: start afresh
+        if privacy is not None:
+            optimizer, loader = privacy.private(optimizer, loader, epochs=epochs, max_steps=self.cfg.train.max_steps)
         scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         anchor = (
             [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else None
@@ -236,29 +288,28 @@ class LocalTrainer:
         start = time.perf_counter()
         for epoch in range(epochs):
             for batch in self._progress(loader, f"{desc} {epoch + 1}/{epochs}"):
-                batch = move_batch(batch, self.device)
-                if batch_hook is not None:
-                    batch = batch_hook(batch)
-                with torch.autocast(self.device.type, enabled=self.use_amp):
-                    output = model(batch["image"], batch["available"], batch.get("spacing"))
-                    result = self.loss_fn(output, batch, model.task_weighting)
-                    extra = extra_loss(model, batch, output) if extra_loss is not None else None
-                loss = result.total.float()
-                terms: dict[str, torch.Tensor | float] = dict(result.terms)
-                if steps == 0 and result.weighted and hasattr(model, "encoder"):
-                    shares = encoder_gradient_shares(model, result.weighted)
-                if extra is not None:
-                    extra_total, extra_terms = extra
-                    loss = loss + extra_total.float()
-                    terms.update(extra_terms)
-                if anchor is not None:
-                    # FedProx proximal term (Li et al. 2020): mu/2 * ||w - w_global||^2.
-                    prox = sum(
-                        ((p - a) ** 2).sum()
-                        for p, a in zip((p for p in model.parameters() if p.requires_grad), anchor)
-                    )
-                    loss = loss + 0.5 * proximal_mu * prox
-                self._step(loss, optimizer, scaler, f"at epoch {epoch + 1}, step {steps + 1} ({desc})")
+                where = f"at epoch {epoch + 1}, step {steps + 1} ({desc})"
+                if batch is not None:  # None: an empty Poisson batch (DP-SGD), a noise-only step
+                    batch = move_batch(batch, self.device)
+                    if batch_hook is not None:
+                        batch = batch_hook(batch)
+                if privacy is not None:
+                    # each case's gradient of the whole loss; Opacus clips, sums, noises and counts
+                    per_sample_gradients(optimizer.params, batch, lambda case: self._check_finite(
+                        self._supervised_loss(case, extra_loss, anchor, proximal_mu)[0], where),
+                        copies=case_copies(self.device))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if after_step is not None:
+                        after_step(model)
+                    steps += 1
+                    if self.cfg.train.max_steps and steps >= self.cfg.train.max_steps:
+                        break
+                    continue
+                loss, terms, output, weighted = self._supervised_loss(batch, extra_loss, anchor, proximal_mu)
+                if steps == 0 and weighted and hasattr(model, "encoder"):
+                    shares = encoder_gradient_shares(model, weighted)
+                self._step(loss, optimizer, scaler, where)
                 if after_step is not None:
                     after_step(model)
                 steps += 1

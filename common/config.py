@@ -116,6 +116,16 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = all cores
     max_steps: int = 0  # 0 = whole epochs; >0 caps steps per local round (benchmarks)
     progress: bool = True
+    # site-level DP-SGD (client.dp_sgd, Opacus): every training case's gradient clipped to
+    # dp_sgd_max_grad_norm (replaces grad_clip), Gaussian noise std dp_sgd_noise_multiplier x that
+    # norm per step, Poisson-sampled batches; the site's epsilon at dp_sgd_delta accumulates in its
+    # state folder over the run and is reported as dp_sgd_epsilon; the site refuses a training
+    # message that would take it past dp_sgd_epsilon_budget (0 = no budget)
+    dp_sgd: bool = False
+    dp_sgd_noise_multiplier: float = 1.0
+    dp_sgd_max_grad_norm: float = 1.0
+    dp_sgd_delta: float = 1e-5
+    dp_sgd_epsilon_budget: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -346,6 +356,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.head_lr_scale={cfg.train.head_lr_scale} must be > 0 (1 = the encoder's learning rate)")
     if cfg.federation.secure_aggregation != "off":
         _validate_secure(cfg.federation)
+    if cfg.train.dp_sgd:
+        _validate_dp_sgd(cfg)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
 
@@ -423,6 +435,35 @@ def _validate_secure(federation: FederationConfig) -> None:
             f"federation.secagg_quantization_range={levels} must be in [2, 2**31) (a site quantizes to int32) and "
             f"min_nodes x range below the masking modulus 2**32 (got {federation.min_nodes} sites): lower it"
         )
+
+
+def _validate_dp_sgd(cfg: ExperimentConfig) -> None:
+    """train.dp_sgd: positive noise and norm, and only the stages and heads whose loss is a mean
+    over cases (each case's gradient can then be clipped on its own; see client.dp_sgd)."""
+    train = cfg.train
+    if train.dp_sgd_noise_multiplier <= 0:
+        raise ConfigError(f"train.dp_sgd_noise_multiplier={train.dp_sgd_noise_multiplier} must be > 0 with "
+                          "train.dp_sgd (about 1.0 for a single-digit epsilon over a few rounds)")
+    if train.dp_sgd_max_grad_norm <= 0:
+        raise ConfigError(f"train.dp_sgd_max_grad_norm={train.dp_sgd_max_grad_norm} must be > 0 "
+                          "(the L2 norm each case's gradient is clipped to)")
+    if not 0.0 < train.dp_sgd_delta < 1.0:
+        raise ConfigError(f"train.dp_sgd_delta={train.dp_sgd_delta} must be in (0, 1), well below "
+                          "1 / (training cases of the largest site)")
+    if train.dp_sgd_epsilon_budget < 0:
+        raise ConfigError(f"train.dp_sgd_epsilon_budget={train.dp_sgd_epsilon_budget} must be >= 0 (0 = no budget)")
+    # every stage or head without a per-case loss, named at once (the demo experiment has several)
+    conflicts = {
+        "model.survival_head=false": (cfg.model.survival_head, "the Cox partial likelihood ranks the cases of a "
+                                      "batch against each other, so no case has a gradient of its own to clip"),
+        "ssl.enabled=false": (cfg.ssl.enabled, "pseudo-labels with distribution alignment and the consistency "
+                              "stage's CutMix mix cases together; DP-SGD covers supervised training only"),
+        "imputation.pretrain_rounds=0": (cfg.imputation.pretrain_rounds > 0,
+                                         "imputer pre-training has no DP-SGD form"),
+    }
+    found = {fix: why for fix, (bad, why) in conflicts.items() if bad}
+    if found:
+        raise ConfigError(f"train.dp_sgd needs {' '.join(found)}: " + "; ".join(found.values()))
 
 
 def to_mapping(cfg: ExperimentConfig) -> dict[str, dict[str, Scalar]]:

@@ -75,6 +75,8 @@ def _progress_printer(metrics_path: Path, total_rounds: int):
                     extra += f" pseudo-labels accepted={m['pseudo_accepted']:.0f} used={m.get('pseudo_used', 0):.0f}"
                 if "loss_consistency_seg" in m:  # the EMA teacher's consistency terms (GMMAS stage 2)
                     extra += f" consistency seg={_f(m['loss_consistency_seg'])} cls={_f(m.get('loss_consistency_cls'))}"
+                if "dp_sgd_epsilon" in m:  # train.dp_sgd: the site's epsilon for its training cases so far
+                    extra += f" dp-sgd epsilon={_f(m['dp_sgd_epsilon'])} at delta={m.get('dp_sgd_delta', 0):g}"
                 loss = m.get("loss", m.get("loss_impute"))  # imputer pre-training reports its own loss
                 print(f"      {site}: loss={_f(loss)} cases={_f(m.get('num-examples'))} "
                       f"time={_f(m.get('seconds'))}s{extra}", flush=True)

@@ -51,6 +51,8 @@ def run_baseline(
 ) -> dict[str, Any]:
     """Train a baseline; returns metrics.json's ``final``."""
     # Heavy (torch, flwr): imported when the command runs, so that `fedglioma --help` stays fast.
+    from client.dp_sgd import SiteAccountant
+    from client.state import RoundTag
     from client.training import LocalTrainer
     from common.config import compose, replace
     from common.data.dataset import make_loader
@@ -115,8 +117,15 @@ def run_baseline(
     if start == 1:
         score(0, None, "initial")
     for round_ in range(start, cfg.federation.rounds + 1):
-        result = trainer.run(train_loader, stage="supervised", epochs=cfg.train.local_epochs, desc=f"round {round_}")
+        # train.dp_sgd: DP-SGD over the pooled (or the one site's) cases; the accountant lives in the
+        # run folder, so that a resumed baseline continues its epsilon
+        tag = RoundTag(run_name, round_)
+        privacy = SiteAccountant.for_round(folder.root, cfg.train, tag) if cfg.train.dp_sgd else None
+        result = trainer.run(train_loader, stage="supervised", epochs=cfg.train.local_epochs, desc=f"round {round_}",
+                             privacy=privacy)
         metrics = {**result.metrics, "n_train": float(len(train_cases)), "num-examples": float(len(train_cases))}
+        if privacy is not None:
+            metrics.update(privacy.save(folder.root, tag))
         score(round_, metrics, "supervised")
     final = folder.finalize(extra={"mode": mode, "sites": [p.name for p in sites]})
     report = write_report(folder.root)

@@ -137,6 +137,14 @@ def make_plots(run_dir: Path, history: dict[str, Any]) -> list[Path]:
     return written
 
 
+def _site_round_table(rounds: list[dict[str, Any]], title: str, keys: list[str]) -> list[str]:
+    """A heading and a table of ``keys`` from the training metrics, one row per round and site
+    that sent ``keys[0]``; nothing when no site did."""
+    rows = [[str(r["round"]), site, *(_fmt(m.get(k)) for k in keys)]
+            for r in rounds for site, m in sorted((r.get("train") or {}).items()) if keys[0] in m]
+    return [f"<h2>{html.escape(title)}</h2>", _table(["round", "site", *keys], rows)] if rows else []
+
+
 def _table(headers: list[str], rows: list[list[str]], highlight: int | None = None) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = []
@@ -193,11 +201,8 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
         parts.append("<h2>Calibration and model selection (fit on the sites' validation splits)</h2>")
         parts.append(_table(["round", "selection score", *cal_keys], cal_rows))
     share_keys = [f"grad_share_{t}" for t in ("seg", *TASKS)]
-    share_rows = [[str(r["round"]), site, *(_fmt(m.get(k)) for k in share_keys)]
-                  for r in rounds for site, m in sorted((r.get("train") or {}).items()) if "grad_share_seg" in m]
-    if share_rows:
-        parts.append("<h2>Share of the gradient into the shared encoder, per task (first step of each local round)</h2>")
-        parts.append(_table(["round", "site", *share_keys], share_rows))
+    parts += _site_round_table(
+        rounds, "Share of the gradient into the shared encoder, per task (first step of each local round)", share_keys)
 
     site_metrics = last.get("sites", {})
     if site_metrics:
@@ -222,13 +227,10 @@ def render_html(history: dict[str, Any], plots: list[Path], title: str) -> str:
     # majority_share near 1.0 says the accepted labels only repeat the site's majority class
     pseudo_keys = ["pseudo_accepted", *(f"pseudo_{t}_{m}" for t in TASKS
                                         for m in ("accepted", "confidence", "candidate_confidence", "majority_share"))]
-    pseudo_rows = [
-        [str(r["round"]), site, *(_fmt(m.get(k)) for k in pseudo_keys)]
-        for r in rounds for site, m in sorted((r.get("train") or {}).items()) if "pseudo_accepted" in m
-    ]
-    if pseudo_rows:
-        parts.append("<h2>Pseudo-labels accepted per round and site</h2>")
-        parts.append(_table(["round", "site", *pseudo_keys], pseudo_rows))
+    parts += _site_round_table(rounds, "Pseudo-labels accepted per round and site", pseudo_keys)
+    # site-level DP-SGD (train.dp_sgd): each site's epsilon for its own training cases, so far in the run
+    parts += _site_round_table(rounds, "Privacy of the training cases (site-level DP-SGD, epsilon per site)",
+                               ["dp_sgd_epsilon", "dp_sgd_delta", "dp_sgd_steps"])
 
     problems = [(r["round"], kind, site, why) for r in rounds for kind in ("failures", "rejected", "bounded")
                 for site, why in (r.get(kind) or {}).items()]

@@ -1,5 +1,6 @@
 """Client-level DP (federation.dp) through the real ServerApp and ClientApp in one process:
-epsilon per round in metrics.json and across a resume, the budget stop, failing sites."""
+epsilon per round in metrics.json and across a resume, the budget stop, failing sites; and
+site-level DP-SGD (train.dp_sgd): each site's epsilon in metrics.json and the report."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ def cohort(tmp_path_factory) -> Path:
     return out
 
 
-def run(cohort: Path, out: Path, *overrides: str, nodes: dict[int, dict[str, str]] | None = None) -> dict:
+def run(cohort: Path, out: Path, *overrides: str, nodes: dict[int, dict[str, str]] | None = None,
+        dp: tuple[str, ...] = DP) -> dict:
     # the tiny sites have 1-2 validation cases: below the default minimum a site sends no metric
     cfg = compose(["+experiment=tiny", f"federation.heldout={cohort / 'heldout'}", f"federation.out_dir={out}",
-                   "train.threads=1", "federation.min_metric_cases=1", *DP, *overrides])
+                   "train.threads=1", "federation.min_metric_cases=1", *dp, *overrides])
     run_inprocess(cfg, nodes or site_nodes(cohort, ["site-a", "site-b"]))
     return json.loads((out / "tiny" / "metrics.json").read_text())
 
@@ -75,3 +77,35 @@ def test_a_failing_site_and_a_budget_below_two_rounds_stop_cleanly_after_round_o
     stopped = history["final"]["privacy"]["stopped"]
     assert "stops after round 1 instead of 3" in stopped and "dp_epsilon_budget" in stopped
     assert history["final"]["round"] == 1
+
+
+def test_dp_sgd_epsilon_of_each_site_reaches_metrics_json_and_the_report(cohort: Path, tmp_path: Path) -> None:
+    # Prepare: site-level DP-SGD only (no client-level DP); each site keeps its state under tmp_path
+    nodes = site_nodes(cohort, ["site-a", "site-b"], state_root=tmp_path / "state")
+
+    # Execute
+    history = run(cohort, tmp_path / "runs", "federation.rounds=2", "federation.evaluate_sites=false",
+                  "train.dp_sgd=true", "model.survival_head=false", nodes=nodes, dp=("federation.min_nodes=2",))
+
+    # Assert: every site's epsilon grew from round 1 to round 2 (the accountant went on across messages)
+    rounds = {r["round"]: r["train"] for r in history["rounds"] if r["round"] > 0}
+    assert set(rounds[1]) == set(rounds[2]) == {"site-a", "site-b"}
+    for site in ("site-a", "site-b"):
+        assert 0.0 < rounds[1][site]["dp_sgd_epsilon"] < rounds[2][site]["dp_sgd_epsilon"]
+        assert rounds[2][site]["dp_sgd_steps"] == 2 * rounds[1][site]["dp_sgd_steps"]
+        assert "loss" not in rounds[2][site]
+    assert "site-level DP-SGD" in (tmp_path / "runs/tiny/report.html").read_text()
+
+
+def test_a_site_past_its_dp_sgd_budget_refuses_with_a_reason_the_server_shows(cohort: Path, tmp_path: Path) -> None:
+    # Prepare: a budget below what one round's steps cost
+    nodes = site_nodes(cohort, ["site-a", "site-b"], state_root=tmp_path / "state")
+
+    # Execute / Assert: no site trains; the server stops naming each site's reason
+    with pytest.raises(Exception, match="no site returned a usable update") as stopped:
+        run(cohort, tmp_path / "runs", "federation.rounds=1", "federation.evaluate_sites=false", "train.dp_sgd=true",
+            "model.survival_head=false", "train.dp_sgd_epsilon_budget=0.1", nodes=nodes, dp=("federation.min_nodes=2",))
+    for site in ("site-a", "site-b"):
+        assert f"site {site}: PrivacyBudgetError: DP-SGD budget reached" in str(stopped.value)
+    assert "train.dp_sgd_epsilon_budget=0.1" in str(stopped.value)
+    assert not list((tmp_path / "state").rglob("dp_sgd_accountant.pt"))  # nothing was spent
