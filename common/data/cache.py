@@ -13,7 +13,10 @@ stale entry is never used (the key includes them); a damaged entry is rebuilt, n
   itself, so a new check re-validates everything;
 * preprocessing (:class:`PersistentCases`): MONAI's ``PersistentDataset`` over the deterministic
   part of the pipeline (one ``.pt`` file per case and preprocessing), loaded with
-  ``weights_only=True``. Labels and the case's position are not part of an entry: they are set
+  ``weights_only=True``; the key includes the preprocessing settings (``preprocessing``: the output
+  size) and the bytes of ``transforms.py``, because MONAI's own transform hash falls back to the
+  transforms' class names when they are not JSON-serialisable (all of ours), so an entry
+  preprocessed at another ``data.size`` would otherwise be reused. Labels and the case's position are not part of an entry: they are set
   from the current ``labels.csv`` on every read, so a label edit needs no rebuild.
 
 MONAI's PersistentDataset deletes only some kinds of damaged files (a truncated zip raises), and
@@ -35,6 +38,7 @@ from monai.data import PersistentDataset
 from monai.data.utils import json_hashing
 
 from common.data import site as site_module
+from common.data import transforms as transforms_module
 from common.data.site import Category, Problem, SegContent, validate_case_files
 from common.io import atomic_write
 
@@ -44,6 +48,7 @@ PREPROCESSED_DIR = "preprocessed"
 
 log = logging.getLogger(__name__)
 _CODE = hashlib.sha256(Path(site_module.__file__).read_bytes()).hexdigest()[:16]
+_TRANSFORMS_CODE = hashlib.sha256(Path(transforms_module.__file__).read_bytes()).hexdigest()[:16]
 
 
 def file_fingerprint(path: Path, content_hash: bool = False) -> list[Any]:
@@ -142,9 +147,12 @@ class PersistentCases(PersistentDataset):
     overwritten from the item on every read (see the module docstring)."""
 
     def __init__(self, items: list[dict[str, Any]], transform: Any, cache_dir: Path, *,
-                 content_hash: bool = False, volatile: tuple[str, ...] = ()) -> None:
+                 preprocessing: Mapping[str, Any], content_hash: bool = False, volatile: tuple[str, ...] = ()) -> None:
+        """``preprocessing``: the settings the deterministic part of ``transform`` depends on (JSON
+        scalars, e.g. ``{"size": 32}``); part of every entry's key with the transforms' code."""
         self.content_hash = content_hash
         self.volatile = volatile
+        self.preprocessing = {**preprocessing, "code": _TRANSFORMS_CODE}
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(items, transform, cache_dir=cache_dir, hash_func=self._key, hash_transform=json_hashing)
 
@@ -153,7 +161,8 @@ class PersistentCases(PersistentDataset):
                  if isinstance(v, str) and k not in self.volatile and Path(v).suffix in (".nii", ".gz")}
         rest = {k: v for k, v in sorted(item.items()) if k not in files and k not in self.volatile
                 and isinstance(v, (str, int, float))}
-        return hashlib.sha256(json.dumps({"files": files, "rest": rest}, sort_keys=True).encode()).hexdigest().encode()
+        key = {"files": files, "rest": rest, "preprocessing": self.preprocessing}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest().encode()
 
     def _cachecheck(self, item_transformed: Any) -> Any:
         hashfile = Path(self.cache_dir) / f"{self.hash_func(item_transformed).decode()}{self.transform_hash}.pt"

@@ -69,8 +69,8 @@ class SiteDataset(Dataset):
         items = [case_item(case, i) for i, case in enumerate(self.cases)]
         if cache_dir is not None:
             # on disk, across messages and rounds (common.data.cache)
-            self.data = PersistentCases(items, self.transform, cache_dir, content_hash=cfg.cache_content_hash,
-                                        volatile=(LABELS, SURVIVAL, INDEX))
+            self.data = PersistentCases(items, self.transform, cache_dir, preprocessing={"size": cfg.size},
+                                        content_hash=cfg.cache_content_hash, volatile=(LABELS, SURVIVAL, INDEX))
         elif cfg.cache:
             self.data: MonaiDataset = CacheDataset(
                 items, self.transform, cache_rate=1.0, num_workers=max(cfg.num_workers, 1), progress=False

@@ -81,6 +81,17 @@ def test_preprocessed_cases_match_the_uncached_pipeline_and_survive_damage(site_
     assert len(calls) == 1 and all(torch.equal(a["image"], b["image"]) for a, b in zip(reference, again))
 
 
+def test_another_output_size_is_preprocessed_afresh_not_read_from_the_cache(site_dir: Path, tmp_path: Path) -> None:
+    index = scan_site(site_dir)
+    folder = preprocessed_dir(tmp_path / "state")
+    small = compose(["+experiment=tiny", "data.size=16"]).data
+    list(make_loader(index.cases, small, train=False, cache_dir=folder))
+    large = compose(["+experiment=tiny", "data.size=24"]).data
+    batches = list(make_loader(index.cases, large, train=False, cache_dir=folder))
+    assert all(b["image"].shape[2:] == (24, 24, 24) for b in batches)
+    assert len(list(folder.glob("*.pt"))) == 2 * len(index.cases)  # both sizes kept, each under its own key
+
+
 def test_labels_are_read_fresh_and_training_augmentation_still_runs(site_dir: Path, tmp_path: Path) -> None:
     cfg = compose(["+experiment=tiny", "data.size=16"]).data
     index = scan_site(site_dir)
