@@ -165,3 +165,15 @@ def test_below_the_reconstruction_threshold_the_run_stops_with_a_clear_error(coh
     # Execute / Assert
     with pytest.raises(FederationError, match=r"could not unmask.*secagg_reconstruction_threshold=2.*'site-b': 'collect_masked_vectors'"):
         run_inprocess(cfg, site_nodes(cohort, SITES), grid_class=grid_class)
+
+
+def test_dp_sgd_at_the_sites_composes_with_the_secure_sum(cohort: Path, tmp_path: Path) -> None:
+    """The README's pairing: DP-SGD noise on each site's cases, SecAgg+ hiding each noised update."""
+    run_inprocess(config(cohort, tmp_path, *SECURE, "train.dp_sgd=true", "model.survival_head=false"),
+                  site_nodes(cohort, SITES))
+    history = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    last = history["rounds"][-1]
+    assert last["round"] == 1 and last["secure_aggregation"]["applied"]
+    assert sorted(last["secure_aggregation"]["summed"]) == SITES
+    epsilons = [site["dp_sgd_epsilon"] for site in last["train"].values()]
+    assert len(epsilons) == 3 and all(0 < e < float("inf") for e in epsilons)
