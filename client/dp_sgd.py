@@ -37,7 +37,7 @@ batch of one (:func:`per_sample_gradients`; on the CPU the case twice, :func:`ca
 exact for any code path of the model, and is
 handed to DPOptimizer as ``p.grad_sample``, where Opacus' own clipping, noise and accounting take
 over. The cost is one forward/backward per case instead of one per batch (measured:
-docs/benchmarks/privacy-dpsgd.md). The Cox survival loss ranks cases against each other and has no
+docs/benchmarks/privacy.md). The Cox survival loss ranks cases against each other and has no
 per-case gradient: ``train.dp_sgd`` requires ``model.survival_head=false`` (common.config).
 
 Randomness: the noise and the Poisson sampling draw from generators seeded by the operating
