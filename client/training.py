@@ -231,7 +231,8 @@ class LocalTrainer:
         case at a time, so each case's gradient is that of this whole loss."""
         model = self.model
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            output = model(batch["image"], batch["available"], batch.get("spacing"))
+            reference = (batch["seg"], batch["has_seg"]) if self.cfg.train.cls_reference_regions and "seg" in batch else None
+            output = model(batch["image"], batch["available"], batch.get("spacing"), reference=reference)
             result = self.loss_fn(output, batch, model.task_weighting)
             extra = extra_loss(model, batch, output) if extra_loss is not None else None
         loss = result.total.float()

@@ -105,6 +105,10 @@ class TrainConfig:
     # learning-rate factor of the molecular classifier (trunk, heads, descriptor paths): with
     # FedAvg a round moves the heads about as far as one site's steps, not all sites' together
     head_lr_scale: float = 1.0
+    # the classifier reads the reference segmentation's tumor regions (pooling weights and
+    # descriptors) of the training cases that have one, instead of the still-poor predicted ones;
+    # validation, held-out and predict read the predicted regions
+    cls_reference_regions: bool = False
     cls_loss: str = "weighted_ce"  # "weighted_ce", "balanced_softmax" or "focal"
     focal_gamma: float = 2.0
     task_weighting: str = "uncertainty"  # "uncertainty" (Kendall) or "equal"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.blocks.segresnet_block import ResBlock
 from torch import nn
@@ -390,6 +391,7 @@ class MultiTaskGliomaNet(nn.Module):
         *,
         brain: torch.Tensor | None = None,
         spacing: torch.Tensor | None = None,
+        reference: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> GliomaOutput:
         """Everything after the stems: [imputation], fusion, encoder and heads.
 
@@ -399,6 +401,9 @@ class MultiTaskGliomaNet(nn.Module):
             available: (B, S) bool.
             brain: (B, N, N, N) bool brain mask for the tumor location descriptors (None: the grid).
             spacing: (B, 3) voxel size in mm for the tumor volumes in mL (None: 1 mm).
+            reference: (seg (B, 1 or none, N, N, N) label map, has_seg (B,) bool) or None: the
+                classifier reads the tumor regions of the reference segmentation for the cases
+                that have one, the predicted ones for the others (see :func:`classifier_regions`).
         """
         available = available.bool()
         aux: dict[str, torch.Tensor] = {}
@@ -412,7 +417,8 @@ class MultiTaskGliomaNet(nn.Module):
         encoded = self.encoder(fused)
         seg_logits = self.decoder(encoded)
         maps = [scale_gradient(m, self.cls_encoder_grad) for m in (encoded.levels[2], encoded.bottleneck)]
-        cls_logits, risk = self.classifier.predict(maps, seg_logits, brain, spacing)
+        regions = seg_logits if reference is None else classifier_regions(seg_logits, *reference)
+        cls_logits, risk = self.classifier.predict(maps, regions, brain, spacing)
         return GliomaOutput(seg_logits=seg_logits, cls_logits=cls_logits, aux=aux, risk=risk)
 
     def classifier_inputs(
@@ -433,13 +439,17 @@ class MultiTaskGliomaNet(nn.Module):
         return [encoded.levels[2], encoded.bottleneck], seg_logits, brain, spacing
 
     def forward(
-        self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None = None
+        self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None = None,
+        reference: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> GliomaOutput:
         """``image`` (B, S, N, N, N) float, ``available`` (B, S) bool, ``spacing`` (B, 3) mm of the
-        grid (None: 1 mm; only the tumor volumes in mL use it) -> :class:`GliomaOutput`."""
+        grid (None: 1 mm; only the tumor volumes in mL use it) -> :class:`GliomaOutput`.
+        ``reference`` (training only, ``train.cls_reference_regions``): (seg, has_seg) whose tumor
+        regions the classifier reads instead of the predicted ones."""
         features = self.encode_sequences(image, available)
         brain = (image != 0).any(dim=1)
-        return self.forward_from_sequence_features(features, available, brain=brain, spacing=spacing)
+        return self.forward_from_sequence_features(features, available, brain=brain, spacing=spacing,
+                                                   reference=reference)
 
     # ------------------------------------------------------------ parameters
     def param_groups(self) -> dict[str, list[str]]:
@@ -450,6 +460,27 @@ class MultiTaskGliomaNet(nn.Module):
             if group in PARAM_GROUPS:
                 groups.setdefault(group, []).append(name)
         return {g: groups[g] for g in PARAM_GROUPS if g in groups}
+
+
+#: Logit of the reference class in :func:`classifier_regions` (softmax puts ~1 - 3e-13 on it).
+REFERENCE_LOGIT = 30.0
+
+
+def classifier_regions(seg_logits: torch.Tensor, seg: torch.Tensor, has_seg: torch.Tensor) -> torch.Tensor:
+    """Segmentation logits (B, 4, N, N, N) for the classifier: the reference label map ``seg``
+    (B, [1,] N, N, N) as near-one-hot logits where ``has_seg`` (B,) is true, ``seg_logits`` elsewhere.
+
+    Why: early in training the predicted segmentation is poor and changes from round to round, and
+    heads fitted to the descriptors of such a segmentation can settle on a relation that turns
+    round when the segmentation improves (measured in docs/benchmarks/classification.md: grade
+    learned inverted at every site's validation split). Trained on the reference regions, the heads
+    learn the relation of the tumor's true extent, which the predicted regions approach; at
+    validation and inference only the predicted ones exist.
+    """
+    seg = seg.reshape(seg.shape[0], *seg_logits.shape[2:]).long().clamp(0, seg_logits.shape[1] - 1)
+    one_hot = F.one_hot(seg, seg_logits.shape[1]).movedim(-1, 1).to(seg_logits.dtype) * REFERENCE_LOGIT
+    use = has_seg.bool().reshape(-1, *([1] * (seg_logits.dim() - 1)))
+    return torch.where(use, one_hot, seg_logits)
 
 
 def build_model(cfg: ModelConfig, img_size: int, *, seed: int | None = None) -> MultiTaskGliomaNet:

@@ -21,7 +21,10 @@ held-out center 200 cases):
 * ``fed-tumor-fedavgm``, ``-fedadam``, ``-fedyogi`` ``fed-tumor`` with Flower's server-side
                        optimizers (FedAvgM, FedAdam, FedYogi) in place of FedAvg;
 * ``fed-tumor-headlr10`` ``fed-tumor`` with the classifier at 10x the learning rate
-                       (``train.head_lr_scale=10``).
+                       (``train.head_lr_scale=10``);
+* ``fed-tumor-refregions``, ``central-tumor-refregions`` the classifier trained on the reference
+                       segmentation's tumor regions (``train.cls_reference_regions``), the predicted
+                       ones at validation and on the held-out center.
 
 Every network run selects ``best.pt`` and fits its calibration on the sites' validation splits;
 the held-out center is only scored. Per task: AUC, balanced accuracy, sensitivity, specificity and
@@ -64,6 +67,9 @@ NETWORK_ARMS: dict[str, list[str]] = {
     # the classifier at 10x the learning rate: a FedAvg round moves the heads about as far as one
     # site's local steps, a centralized epoch as far as all sites' steps together
     "fed-tumor-headlr10": ["train.head_lr_scale=10"],
+    # the heads trained on the reference segmentation's tumor regions (predicted ones at validation)
+    "fed-tumor-refregions": ["train.cls_reference_regions=true"],
+    "central-tumor-refregions": ["train.cls_reference_regions=true"],
 }
 ARMS = ("prior", "lr-gt", "lr-pred", *NETWORK_ARMS)
 SCORES = ("auc", "bacc", "sen", "spe", "ece")

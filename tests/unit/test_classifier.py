@@ -161,3 +161,28 @@ def test_the_classifier_gets_its_own_learning_rate() -> None:
     assert len(body["params"]) + len(head["params"]) == sum(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="head_lr_scale"):
         compose(["train.head_lr_scale=0"])
+
+
+def test_training_can_read_the_reference_tumor_regions_instead_of_the_predicted() -> None:
+    """train.cls_reference_regions: the classifier's regions come from the reference label map for
+    the cases that have one (a case without keeps the predicted ones); the segmentation is unchanged."""
+    from common.model.network import classifier_regions
+
+    cfg = compose(["+experiment=tiny", "model.dropout=0", "model.feature_dropout=0"])
+    model = build_model(cfg.model, cfg.data.size, seed=0).eval()
+    n = cfg.data.size
+    image = torch.randn(2, 4, n, n, n)
+    available = torch.ones(2, 4, dtype=torch.bool)
+    seg = torch.zeros(2, 1, n, n, n, dtype=torch.long)
+    seg[:, :, 8:16, 8:16, 8:16] = ED
+    seg[:, :, 10:14, 10:14, 10:14] = ET
+    with torch.no_grad():
+        plain = model(image, available)
+        taught = model(image, available, reference=(seg, torch.tensor([True, False])))
+        regions = region_probabilities(classifier_regions(plain.seg_logits, seg, torch.tensor([True, False])))
+    assert torch.equal(plain.seg_logits, taught.seg_logits)
+    assert regions[0, 0].sum() == pytest.approx(8 ** 3, rel=1e-4)  # WT of the reference: 8^3 voxels
+    assert regions[0, 2].sum() == pytest.approx(4 ** 3, rel=1e-4)  # ET: 4^3
+    for task in TASKS:  # the case with a reference reads other regions; the case without does not
+        assert not torch.allclose(plain.cls_logits[task][0], taught.cls_logits[task][0])
+        assert torch.equal(plain.cls_logits[task][1], taught.cls_logits[task][1])
