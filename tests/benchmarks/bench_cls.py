@@ -20,9 +20,8 @@ held-out center 200 cases):
                        of 12 local steps instead of 6 of one epoch = 24 steps at 48 cases a site);
 * ``fed-tumor-fedavgm``, ``-fedadam``, ``-fedyogi`` ``fed-tumor`` with Flower's server-side
                        optimizers (FedAvgM, FedAdam, FedYogi) in place of FedAvg;
-* ``fed-tumor-headlr1`` ``fed-tumor`` with the classifier at the encoder's learning rate
-                       (``train.head_lr_scale=1``, the recipe before 10 was chosen on validation;
-                       ``central-tumor`` and the optimizer and refregions arms pin it too);
+* ``fed-tumor-headlr10`` ``fed-tumor`` with the classifier at 10x the learning rate
+                       (``train.head_lr_scale=10``);
 * ``fed-tumor-refregions``, ``central-tumor-refregions`` the classifier trained on the reference
                        segmentation's tumor regions (``train.cls_reference_regions``), the predicted
                        ones at validation and on the held-out center.
@@ -52,13 +51,12 @@ sys.path.insert(0, str(ROOT))
 
 from common.contract import ET, NCR, TASK_CLASSES, TASK_COLUMNS, TASKS, UNKNOWN_LABEL  # noqa: E402
 
-#: The arms measured with the classifier at the encoder's learning rate pin ``train.head_lr_scale=1``
-#: (the default before it was chosen: 10, on the sites' validation; see the classification doc).
-LR1 = "train.head_lr_scale=1"
 NETWORK_ARMS: dict[str, list[str]] = {
-    "central-tumor": [LR1],
+    "central-tumor": [],
     "fed-tumor": [],
-    "fed-tumor-headlr1": [LR1],
+    # the classifier at 10x the learning rate: a FedAvg round moves the heads about as far as one
+    # site's local steps, a centralized epoch as far as all sites' steps together
+    "fed-tumor-headlr10": ["train.head_lr_scale=10"],
     "fed-global": ["model.classifier_pooling=global"],
     "fed-clsonly": ["model.classifier_pooling=global", "train.segmentation=false"],
     "fed-tumor-keepopt": ["train.keep_optimizer_state=true"],
@@ -66,12 +64,12 @@ NETWORK_ARMS: dict[str, list[str]] = {
     "fed-tumor-12r": ["federation.rounds=12", "train.max_steps=12"],
     # Flower's server-side optimizers on the averaged update, at their configured defaults
     # (federation.server_momentum / server_lr): issue #13 asks how they move the centralized gap
-    "fed-tumor-fedavgm": [LR1, "federation.strategy=fedavgm"],
-    "fed-tumor-fedadam": [LR1, "federation.strategy=fedadam"],
-    "fed-tumor-fedyogi": [LR1, "federation.strategy=fedyogi"],
+    "fed-tumor-fedavgm": ["federation.strategy=fedavgm"],
+    "fed-tumor-fedadam": ["federation.strategy=fedadam"],
+    "fed-tumor-fedyogi": ["federation.strategy=fedyogi"],
     # the heads trained on the reference segmentation's tumor regions (predicted ones at validation)
-    "fed-tumor-refregions": [LR1, "train.cls_reference_regions=true"],
-    "central-tumor-refregions": [LR1, "train.cls_reference_regions=true"],
+    "fed-tumor-refregions": ["train.cls_reference_regions=true"],
+    "central-tumor-refregions": ["train.cls_reference_regions=true"],
 }
 ARMS = ("prior", "lr-gt", "lr-pred", *NETWORK_ARMS)
 SCORES = ("auc", "bacc", "sen", "spe", "ece")
