@@ -144,7 +144,7 @@ class SiteSession:
             # the received global model on the validation split, before it is trained: the round's
             # one message also does what an evaluate message would (federation.site_validation)
             started = time.perf_counter()
-            validation = self.evaluate(model)
+            validation = self.evaluate(model, distances=cfg.federation.site_validation_distances)
             validation["seconds"] = time.perf_counter() - started
             validated = {f"{VALIDATION_PREFIX}{k}": v for k, v in validation.items()}
         cases = self.stage_cases(stage)
@@ -223,12 +223,13 @@ class SiteSession:
         return semi
 
     # -------------------------------------------------------------- evaluate
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Global model on this site's validation split (scalar metrics + num-examples)."""
+    def evaluate(self, model: nn.Module, *, distances: bool = True) -> dict[str, float]:
+        """Global model on this site's validation split (scalar metrics + num-examples);
+        ``distances=False`` leaves HD95 and the lesion-wise scores out (NaN)."""
         loader = make_loader(self.val_cases, self.cfg.data, train=False, cache_dir=self.preprocessed)
         model.to(self.device)
         # the cal_* statistics let the server fit a temperature and threshold per task
-        metrics = evaluate(model, loader, self.device, progress=False, calibration_stats=True)
+        metrics = evaluate(model, loader, self.device, progress=False, calibration_stats=True, distances=distances)
         metrics["num-examples"] = float(len(self.val_cases))
         model.cpu()
         n_seg = sum(case.seg is not None for case in self.val_cases)

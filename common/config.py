@@ -180,6 +180,10 @@ class FederationConfig:
     # "message": a separate evaluate message after every round
     site_validation: str = "in_train"
     validate_every: int = 1  # with in_train: validate the global models of every k-th round (and the last)
+    # HD95 and the lesion-wise scores in every site validation; false: only in the final model's
+    # (the evaluate message after the last round). Model selection reads Dice and AUCs only, and
+    # the surface distances were a third of a demo site's validation time.
+    site_validation_distances: bool = False
     # float16: weights travel as float16 both ways (half the bytes); the server averages in float32
     wire_dtype: str = "float32"
     # benchmark floor only: sites reply at once with the weights they received (no data, no training)

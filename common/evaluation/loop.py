@@ -32,6 +32,7 @@ def evaluate(
     calibration: Calibration | None = None,
     calibration_stats: bool = False,
     survival_curves: bool = False,
+    distances: bool = True,
 ) -> dict[str, Any]:
     """Segmentation and classification metrics of ``model`` over every batch of ``loader``.
 
@@ -51,6 +52,8 @@ def evaluate(
             splits (deterministic probabilities only); None = raw softmax, threshold 0.5.
         calibration_stats: add the ``cal_*`` statistics a site sends for fitting a calibration
             (list values; :mod:`common.evaluation.calibration`).
+        distances: compute HD95 and the lesion-wise scores (False: NaN, Dice only; the sites'
+            per-round validation, ``federation.site_validation_distances``).
         survival_curves: add ``km_risk_groups``, the Kaplan-Meier curves of the predicted
             low/high-risk halves (a dict; None without a survival head or known survival).
 
@@ -62,7 +65,8 @@ def evaluate(
         raise ValueError(f"mc_passes must be 0 (deterministic) or >= 2 MC-dropout passes, got {mc_passes}")
     device = torch.device(device)
     accumulator = MetricAccumulator(
-        {t: calibration.probability_threshold(t) for t in TASKS} if calibration is not None else 0.5
+        {t: calibration.probability_threshold(t) for t in TASKS} if calibration is not None else 0.5,
+        distances=distances,
     )
     uncertainty_sums = {task: 0.0 for task in TASKS}
     # Per-module flags, not model.training: a frozen sub-module may be kept in eval mode on purpose.

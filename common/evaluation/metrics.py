@@ -69,8 +69,10 @@ def region_masks(labels: torch.Tensor) -> torch.Tensor:
     return torch.stack(channels, dim=1)
 
 
-def segmentation_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-case Dice and HD95 (mm) for WT, TC, ET.
+def segmentation_scores(
+    pred: torch.Tensor, ref: torch.Tensor, spacing: torch.Tensor, *, distances: bool = True
+) -> dict[str, torch.Tensor]:
+    """Per-case Dice and HD95 (mm) for WT, TC, ET (HD95 NaN with ``distances=False``: not computed).
 
     BraTS empty-region rules (MONAI alone returns NaN for these):
 
@@ -106,7 +108,9 @@ def segmentation_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: torch.Te
     r_any = r.flatten(2).any(-1)
     # Both empty -> 0, exactly one empty -> penalty; both present is overwritten below.
     hd95 = (p_any != r_any).double() * HD95_EMPTY_PENALTY_MM
-    for b in range(pred.shape[0]):
+    if not distances:
+        hd95 = torch.full_like(hd95, math.nan)
+    for b in range(pred.shape[0] if distances else 0):
         both = (p_any[b] & r_any[b]).nonzero().flatten()
         if both.numel() == 0:
             continue
@@ -243,9 +247,13 @@ class MetricAccumulator:
     (AUC and ECE are not averages of per-batch values).
     """
 
-    def __init__(self, threshold: float | Mapping[str, float] = 0.5, ece_bins: int = ECE_BINS) -> None:
+    def __init__(
+        self, threshold: float | Mapping[str, float] = 0.5, ece_bins: int = ECE_BINS, *, distances: bool = True
+    ) -> None:
         """``threshold``: class 1 is predicted at ``prob >= threshold``; one value for every task
-        or ``{task: threshold}`` (e.g. from :class:`common.evaluation.calibration.Calibration`)."""
+        or ``{task: threshold}`` (e.g. from :class:`common.evaluation.calibration.Calibration`).
+        ``distances=False``: Dice only; HD95 and the lesion-wise scores come out NaN (not computed)."""
+        self.distances = distances
         self.thresholds = {t: float(threshold[t] if isinstance(threshold, Mapping) else threshold) for t in TASKS}
         self.ece_bins = ece_bins
         self._seg: dict[str, list[np.ndarray]] = {k: [] for k in SEG_METRIC_KEYS}
@@ -309,7 +317,9 @@ class MetricAccumulator:
         keep = has_seg.nonzero().flatten()
         pred, ref = seg_pred.detach().cpu()[keep], seg_ref.detach().cpu()[keep]
         case_spacing = torch.as_tensor(spacing).cpu()[keep]
-        scores = segmentation_scores(pred, ref, case_spacing) | lesion_wise_scores(pred, ref, case_spacing)
+        scores = segmentation_scores(pred, ref, case_spacing, distances=self.distances)
+        if self.distances:
+            scores |= lesion_wise_scores(pred, ref, case_spacing)
         for key, values in scores.items():
             self._seg[key].append(values.numpy())
 

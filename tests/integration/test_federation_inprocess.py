@@ -56,6 +56,11 @@ def test_two_rounds_write_metrics_checkpoints_report_and_resume(cohort: Path, tm
         assert entry["selection_score"] is not None
         assert not any(k.startswith("cal_") for k in entry["sites"]["site-a"])
         assert 0.0 <= entry["train"]["site-a"]["grad_share_seg"] <= 1.0
+    # surface distances only in the final model's validation (federation.site_validation_distances)
+    for entry in history["rounds"]:
+        site = entry["sites"]["site-a"]
+        assert site["dice_wt"] is not None
+        assert (site["hd95_wt"] is not None) == (entry["round"] == 2), entry["round"]
     scores = {r["round"]: r["selection_score"] for r in history["rounds"] if r["selection_score"] is not None}
     assert history["final"]["best_round"] == max(scores, key=scores.get)
     for name in ("round-000.pt", "round-002.pt", "last.pt", "best.pt"):

@@ -219,6 +219,22 @@ def test_accumulator_without_segmentation_gives_nan_seg_metrics() -> None:
     assert set(MetricAccumulator().compute()) == set(METRIC_KEYS)
 
 
+def test_accumulator_without_distances_keeps_dice_and_leaves_surface_scores_out() -> None:
+    # federation.site_validation_distances=false: the sites' per-round validation scores Dice only
+    pred, ref = label_map((ET, CUBE_SHIFTED), (NCR, (slice(10, 12),) * 3)), label_map((ET, CUBE))
+    full, dice_only = MetricAccumulator(), MetricAccumulator(distances=False)
+    for acc in (full, dice_only):
+        acc.add(pred, ref, torch.tensor([True]), unit_spacing(), {t: _probs([0.7]) for t in TASKS},
+                torch.tensor([[1, 0, 1, 0]]))
+    a, b = full.compute(), dice_only.compute()
+    assert tuple(b) == METRIC_KEYS
+    surface = [k for k in METRIC_KEYS if "hd95" in k]
+    assert surface and all(math.isfinite(a[k]) for k in surface) and all(math.isnan(b[k]) for k in surface)
+    for key in ("dice_wt", "dice_tc", "dice_et", "auc_idh", "n_cases"):
+        assert b[key] == pytest.approx(a[key], nan_ok=True)
+    assert a["dice_wt"] < 1.0  # the case is not trivially perfect: Dice is really computed
+
+
 def test_accumulator_names_missing_task() -> None:
     with pytest.raises(KeyError, match="mgmt"):
         MetricAccumulator().add(None, label_map(), torch.tensor([False]), unit_spacing(),
