@@ -5,8 +5,10 @@ and nothing of the site's cases or paths; the full text goes to the site's own l
 (:mod:`client.disclosure`).
 
 Flower starts a new process for every message, so what this module imports at the top is paid
-once per message: torch and the model are imported inside the handlers that use them, and a
-benchmark's empty round (``federation.empty_rounds``) replies without them.
+once per message: torch and the model are imported inside the handlers that use them
+(:mod:`client.handlers`), which run in the site's long-lived worker by default
+(``federation.site_worker``, :mod:`client.worker`), and a benchmark's empty round
+(``federation.empty_rounds``) replies without them.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.handlers import site_record
 from client.state import site_location, site_state_path
-from common.arrays import cast_floats
+from client.worker import worker_wanted
 from common.config import from_run_config
 
 app = ClientApp()
@@ -34,11 +37,6 @@ APP_RAISED_EXCEPTION = 2
 
 def _site_name(node_config: Mapping[str, Any]) -> str:
     return site_location(node_config)[0]
-
-
-def _site_record(name: str) -> ConfigRecord:
-    # The site's name (not a case ID) lets the coordinator see per-site results.
-    return ConfigRecord({"name": name})
 
 
 def _secrets(node_config: Mapping[str, Any]) -> list[str]:
@@ -89,7 +87,7 @@ def _train(msg: Message, context: Context) -> Message:
 
         reply = run_protocol(msg, context, _train_content)
         # every protocol reply names the site, so that the server can name a site lost mid-protocol
-        reply.content["site"] = _site_record(_site_name(context.node_config))
+        reply.content["site"] = site_record(_site_name(context.node_config))
         return reply
     return Message(_train_content(msg.content, context), reply_to=msg)
 
@@ -97,42 +95,32 @@ def _train(msg: Message, context: Context) -> Message:
 def _train_content(instruction: RecordDict, context: Context) -> RecordDict:
     """Train on the site's data from ``instruction["arrays"]`` with ``instruction["config"]``; the
     reply content: the local weights, the scalar metrics and the site's name."""
-    started = time.perf_counter()
-    cfg = from_run_config(context.run_config)
-    if cfg.federation.empty_rounds:
-        # benchmark floor: what Flower itself costs per message (process start, polling, transfer)
-        metrics = MetricRecord({"num-examples": 1.0, "n_train": 1.0, "message_seconds": time.perf_counter() - started})
-        return RecordDict({"arrays": instruction["arrays"], "metrics": metrics,
-                           "site": _site_record(_site_name(context.node_config))})
-    # torch, the model and the data layer: imported here so that empty rounds do without them
-    from client.session import SiteSession
-    from common.model import build_model
-    from common.wire import load_packed, pack_state
-
-    model = build_model(cfg.model, cfg.data.size)
-    load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
-    opened = time.perf_counter()
-    site = SiteSession.open(context.node_config, cfg)
-    open_seconds = time.perf_counter() - opened
-    metrics = site.train(model, instruction["config"])
-    metrics.update(open_seconds=open_seconds, message_seconds=time.perf_counter() - started)
-    arrays = cast_floats(pack_state(model.state_dict()), cfg.federation.wire_dtype)
-    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(site.name)})
+    return _run("train", instruction, context)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    cfg = from_run_config(context.run_config)
-    # imported here, as in _train (see the module docstring)
-    from client.session import SiteSession
-    from common.model import build_model
-    from common.wire import load_packed
+    return Message(_run("evaluate", msg.content, context), reply_to=msg)
 
-    model = build_model(cfg.model, cfg.data.size)
-    load_packed(model, msg.content["arrays"])
-    site = SiteSession.open(context.node_config, cfg)
-    metrics = site.evaluate(model)
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(site.name)})
-    return Message(content, reply_to=msg)
+
+def _run(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """The ``kind`` handler of :mod:`client.handlers`, in the site's worker when the run asks for
+    it and the site allows it (:mod:`client.worker`), else in this process."""
+    started = time.perf_counter()
+    cfg = from_run_config(context.run_config)
+    node_config = context.node_config
+    if cfg.federation.empty_rounds or not worker_wanted(node_config, cfg.federation.site_worker):
+        from client.handlers import HANDLERS
+
+        return HANDLERS[kind](content, node_config, context.run_config)
+    from client.worker import call
+
+    state = site_state_path(node_config, _site_name(node_config))
+    reply, started_worker = call(kind, content, node_config, context.run_config, state, cfg.federation.site_worker_idle_s)
+    if kind == "train":
+        # the ClientApp's whole call, hand-over to the worker included
+        reply["metrics"]["message_seconds"] = time.perf_counter() - started
+        reply["metrics"]["worker_started"] = float(started_worker)
+    return reply
 
 
 train = app.train()(_guarded("training", _train))

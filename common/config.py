@@ -184,6 +184,11 @@ class FederationConfig:
     # (the evaluate message after the last round). Model selection reads Dice and AUCs only, and
     # the surface distances were a third of a demo site's validation time.
     site_validation_distances: bool = False
+    # the sites run their messages in a long-lived worker process (client.worker): torch, MONAI
+    # and the model code are imported once, not per message; a site may refuse it with
+    # site-worker="false" in its node config. The worker stops after this long without a message.
+    site_worker: bool = True
+    site_worker_idle_s: float = 600.0
     # float16: weights travel as float16 both ways (half the bytes); the server averages in float32
     wire_dtype: str = "float32"
     # benchmark floor only: sites reply at once with the weights they received (no data, no training)
@@ -347,6 +352,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.size={cfg.data.size} must be a multiple of 8 (the encoder downsamples 3 times)")
     if cfg.model.d_model % cfg.model.heads:
         raise ConfigError(f"model.d_model={cfg.model.d_model} must be divisible by model.heads={cfg.model.heads}")
+    if not cfg.federation.site_worker_idle_s > 0:
+        raise ConfigError(f"federation.site_worker_idle_s={cfg.federation.site_worker_idle_s} must be > 0 seconds")
     if cfg.federation.validate_every < 1:
         raise ConfigError(f"federation.validate_every={cfg.federation.validate_every} must be >= 1")
     if not 0.0 < cfg.federation.quorum <= 1.0:

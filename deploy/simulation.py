@@ -20,7 +20,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
-from common.config import to_run_config
+from common.config import replace, to_run_config
 from server.app import app as server_app
 
 
@@ -82,8 +82,10 @@ def run_inprocess(
 ) -> InProcessGrid:
     """Run the ServerApp for ``cfg`` (an :class:`common.config.ExperimentConfig` with absolute
     ``federation.heldout``/``out_dir``) against in-process sites; returns the grid (its replies).
-    ``grid_class``: an :class:`InProcessGrid` subclass, e.g. one that loses some replies (tests)."""
-    run_config = to_run_config(cfg)
+    ``grid_class``: an :class:`InProcessGrid` subclass, e.g. one that loses some replies (tests).
+    The sites run in this process: no site worker (``federation.site_worker``), there is no
+    per-message process whose imports it would save."""
+    run_config = to_run_config(replace(cfg, federation={"site_worker": False}))
     grid = grid_class(nodes, run_config)
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))

@@ -1,0 +1,162 @@
+"""client.worker: the site's long-lived worker gives the replies the ClientApp's own process gives,
+is reused across messages, restarts after it died, stops when idle or orphaned, and talks to
+nobody without the site's key."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from client import worker
+from client.handlers import evaluate_content, train_content
+from client.worker import SiteWorkerError, call, socket_path, worker_pid, worker_wanted
+from common.config import compose, to_run_config
+from common.data.site import SiteNotFoundError
+from common.model import build_model
+from common.wire import pack_state
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from synth import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, preset="tiny", sites=1, cases_per_site=5, heldout_cases=2, shape=32, seed=3)
+    return out
+
+
+@pytest.fixture
+def stop_workers():
+    """Kill every worker a test started (by the pid its worker wrote), also when the test fails."""
+    states: list[Path] = []
+    yield states
+    for state in states:
+        pid = worker_pid(state)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # our own child (the owner stand-in) turns zombie until reaped
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _message(cohort: Path, state: Path, *overrides: str) -> tuple[RecordDict, dict, dict]:
+    cfg = compose(["+experiment=tiny", "train.max_steps=2", "train.threads=1", "train.progress=false", *overrides])
+    model = build_model(cfg.model, cfg.data.size)
+    instruction = RecordDict({"arrays": pack_state(model.state_dict()),
+                              "config": ConfigRecord({"stage": "supervised", "global-round": 1, "validate": True})})
+    node = {"data-path": str(cohort / "site-a"), "state-path": str(state), "site-name": "site-a"}
+    return instruction, node, to_run_config(cfg)
+
+
+def _arrays(reply: RecordDict) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in reply["arrays"].items()}
+
+
+def test_the_worker_replies_as_the_clientapp_process_does_is_reused_and_serves_on_after_errors_and_intruders(
+    cohort: Path, tmp_path: Path, stop_workers
+) -> None:
+    state = tmp_path / "state"
+    stop_workers.append(state)
+    instruction, node, run_config = _message(cohort, state)
+    local = train_content(instruction, node, run_config)
+    first, started = call("train", instruction, node, run_config, state, idle_s=60, owner_pid=os.getpid())
+    assert started
+    pid = worker_pid(state)
+    assert pid is not None and pid != os.getpid()
+    second, started_again = call("train", instruction, node, run_config, state, idle_s=60, owner_pid=os.getpid())
+    assert not started_again and worker_pid(state) == pid  # the same process served both
+    for reply in (first, second):
+        a, b = _arrays(local), _arrays(reply)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        # timings differ, and the cache the first call filled serves the later ones
+        timing = {k for k in local["metrics"] if k.endswith("seconds")} | {"cache_hits"}
+        assert {k: v for k, v in reply["metrics"].items() if k not in timing} == {
+            k: v for k, v in local["metrics"].items() if k not in timing}
+        assert dict(reply["site"]) == {"name": "site-a"}
+    # the evaluate handler too (one validation case here: let its metrics through)
+    _, _, run_config = _message(cohort, state, "federation.min_metric_cases=1")
+    content = RecordDict({"arrays": instruction["arrays"]})
+    evaluated, _ = call("evaluate", content, node, run_config, state, 60, os.getpid())
+    expected = evaluate_content(content, node, run_config)["metrics"]
+    assert np.isfinite(expected["dice_wt"])
+    assert dict(evaluated["metrics"]) == pytest.approx(dict(expected), nan_ok=True)
+
+    # a handler's error reaches the caller with its class (what the error reply names) ...
+    broken = {**node, "data-path": str(tmp_path / "no-such-site")}
+    with pytest.raises(SiteNotFoundError) as raised:
+        call("train", instruction, broken, run_config, state, 60, os.getpid())
+    assert any("in the site's worker" in note for note in getattr(raised.value, "__notes__", []))
+    # ... a peer without the site's key is refused ...
+    with pytest.raises(AuthenticationError):
+        Client(str(socket_path(state)), family="AF_UNIX", authkey=b"x" * 32)
+    assert (state / worker.KEY_FILE).stat().st_mode & 0o077 == 0
+    assert socket_path(state).parent.stat().st_mode & 0o077 == 0
+    # ... and the same worker serves on
+    reply, started = call("train", instruction, node, run_config, state, 60, os.getpid())
+    assert not started and worker_pid(state) == pid and reply["metrics"]["num-examples"] > 0
+
+
+def test_a_killed_worker_is_replaced_by_the_next_message(cohort: Path, tmp_path: Path, stop_workers) -> None:
+    state = tmp_path / "state"
+    stop_workers.append(state)
+    instruction, node, run_config = _message(cohort, state)
+    call("train", instruction, node, run_config, state, 60, os.getpid())
+    pid = worker_pid(state)
+    os.kill(pid, signal.SIGKILL)
+    assert _gone(pid)
+    assert socket_path(state).exists()  # left behind by the killed worker: must not be trusted
+    reply, started = call("train", instruction, node, run_config, state, 60, os.getpid())
+    assert started and worker_pid(state) not in (None, pid) and reply["metrics"]["num-examples"] > 0
+
+
+def test_the_worker_stops_when_idle_and_when_its_owner_is_gone(cohort: Path, tmp_path: Path, stop_workers) -> None:
+    instruction, node, run_config = _message(cohort, tmp_path / "idle")
+    stop_workers.extend([tmp_path / "idle", tmp_path / "orphan"])
+    call("train", instruction, node, run_config, tmp_path / "idle", idle_s=1.0, owner_pid=os.getpid())
+    pid = worker_pid(tmp_path / "idle")
+    assert _gone(pid) and not socket_path(tmp_path / "idle").exists()
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        _, node_b, _ = _message(cohort, tmp_path / "orphan")
+        call("train", instruction, node_b, run_config, tmp_path / "orphan", idle_s=600, owner_pid=owner.pid)
+        pid = worker_pid(tmp_path / "orphan")
+        assert pid is not None and not _gone(pid, timeout_s=1.5)  # the owner lives: it stays
+    finally:
+        owner.kill()
+        owner.wait()
+    assert _gone(pid)
+
+
+def test_a_site_may_refuse_the_worker_and_a_shared_socket_folder_is_refused(tmp_path: Path, monkeypatch) -> None:
+    assert worker_wanted({}, True) and not worker_wanted({}, False)
+    assert not worker_wanted({"site-worker": "false"}, True) and not worker_wanted({"site-worker": "off"}, True)
+    monkeypatch.setattr(worker.tempfile, "gettempdir", lambda: str(tmp_path))
+    folder = tmp_path / f"fedglioma-{os.getuid()}"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    with pytest.raises(SiteWorkerError, match="not private"):
+        socket_path(tmp_path / "state")
