@@ -187,7 +187,7 @@ def against_target(by: dict[str, dict[str, Any]]) -> list[str]:
     makes that impossible, overhead at most 1.5x the floor; the verdict is computed, not written."""
     floor = _mean([r["wall_s"] for r in by["floor"]["rounds"] if r["round"] >= 2])
     lines = ["## Against the target (rounds 2+)", ""]
-    for name in ("demo", "no-worker"):
+    for name in ("demo", "no-worker", "fp16"):
         rows = [r for r in by.get(name, {}).get("rounds", []) if r["round"] >= 2]
         if not rows:
             continue
