@@ -24,9 +24,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.handlers import site_record
+from client.handlers import HANDLERS, site_record
 from client.state import site_location, site_state_path
-from client.worker import worker_wanted
+from client.worker import call, worker_wanted
 from common.config import from_run_config
 
 app = ClientApp()
@@ -109,11 +109,7 @@ def _run(kind: str, content: RecordDict, context: Context) -> RecordDict:
     cfg = from_run_config(context.run_config)
     node_config = context.node_config
     if cfg.federation.empty_rounds or not worker_wanted(node_config, cfg.federation.site_worker):
-        from client.handlers import HANDLERS
-
         return HANDLERS[kind](content, node_config, context.run_config)
-    from client.worker import call
-
     state = site_state_path(node_config, _site_name(node_config))
     reply, started_worker = call(kind, content, node_config, context.run_config, state, cfg.federation.site_worker_idle_s)
     if kind == "train":

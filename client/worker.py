@@ -291,7 +291,7 @@ def serve(address: Path, state_dir: Path, idle_s: float, owner_pid: int) -> None
 
 def _release_gpu_memory() -> None:
     """Between messages the worker holds no model: hand its cached CUDA blocks back."""
-    import torch
+    import torch  # here, not at the top: the ClientApp imports this module and must not pay for torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
