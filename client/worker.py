@@ -35,7 +35,6 @@ import hashlib
 import os
 import pickle
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -141,7 +140,7 @@ def call(kind: str, content: Any, node_config: Mapping[str, Any], run_config: Ma
         with _spawn_lock(address):
             conn = _connect(address, key)  # another message may have started it meanwhile
             if conn is None:
-                conn = _start(address, state_dir, idle_s, os.getppid() if owner_pid is None else owner_pid)
+                conn = _start(address, key, state_dir, idle_s, os.getppid() if owner_pid is None else owner_pid)
                 started = True
     with conn:
         try:
@@ -179,7 +178,7 @@ def _spawn_lock(address: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _start(address: Path, state_dir: Path, idle_s: float, owner_pid: int) -> Connection:
+def _start(address: Path, key: bytes, state_dir: Path, idle_s: float, owner_pid: int) -> Connection:
     """Start a worker for ``address`` and return a connection to it."""
     address.unlink(missing_ok=True)  # a stale socket (its worker is gone: nobody answered it)
     log_path = private_dir(state_dir) / LOG_FILE
@@ -190,7 +189,6 @@ def _start(address: Path, state_dir: Path, idle_s: float, owner_pid: int) -> Con
         os.chmod(log_path, 0o600)
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    cwd=APP_ROOT, env=env, close_fds=True)
-    key = worker_key(state_dir)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         conn = _connect(address, key)
@@ -314,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-s", type=float, required=True)
     parser.add_argument("--owner-pid", type=int, required=True)
     args = parser.parse_args(argv)
-    socket.setdefaulttimeout(None)
     serve(args.socket, args.state, args.idle_s, args.owner_pid)
     return 0
 
