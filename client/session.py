@@ -39,6 +39,7 @@ from client.state import (
     RoundTag,
     default_state_path,
     load_optimizer_state,
+    node_flag,
     save_optimizer_state,
     site_location,
     site_state_path,
@@ -74,7 +75,7 @@ class SiteSession:
     @classmethod
     def open(cls, node_config: Mapping[str, Any], cfg: ExperimentConfig) -> SiteSession:
         name, root = site_location(node_config)
-        external = str(node_config.get("allow-external-links", "false")).strip().lower() in {"1", "true", "yes"}
+        external = node_flag(node_config, "allow-external-links", False)
         state = site_state_path(node_config, name)
         cache = site_cache_dir(state, cfg.data.site_cache)
         validation = ValidationCache(cache, content_hash=cfg.data.cache_content_hash) if cache is not None else None

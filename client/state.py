@@ -111,6 +111,17 @@ def read_state_file(path: Path, what: str, fresh: str, parse: Callable[[dict], T
         ) from exc
 
 
+def node_flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A yes/no setting of a SuperNode's ``--node-config`` (``1/true/yes/on``, ``0/false/no/off``,
+    any case); ``default`` when the key is absent or says neither."""
+    value = str(node_config.get(key, "")).strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    return default
+
+
 def site_location(node_config: Mapping[str, Any]) -> tuple[str, Path]:
     """(site name, data folder) from a SuperNode's ``--node-config``.
 

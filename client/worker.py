@@ -47,6 +47,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+from client.state import node_flag
 from common.io import private_dir
 
 #: the app's root: the folder holding the ``client`` and ``common`` packages (the installed FAB)
@@ -63,8 +64,7 @@ class SiteWorkerError(RuntimeError):
 
 def worker_wanted(node_config: Mapping[str, Any], enabled: bool) -> bool:
     """The run asks for the worker (``federation.site_worker``) and the site has not refused it."""
-    refused = str(node_config.get("site-worker", "true")).strip().lower() in {"0", "false", "no", "off"}
-    return enabled and not refused
+    return enabled and node_flag(node_config, "site-worker", True)
 
 
 # ----------------------------------------------------------------------------------- addresses
