@@ -107,10 +107,11 @@ def segmentation_scores(
     p_any = p.flatten(2).any(-1)  # (B, 3)
     r_any = r.flatten(2).any(-1)
     # Both empty -> 0, exactly one empty -> penalty; both present is overwritten below.
-    hd95 = (p_any != r_any).double() * HD95_EMPTY_PENALTY_MM
     if not distances:
-        hd95 = torch.full_like(hd95, math.nan)
-    for b in range(pred.shape[0] if distances else 0):
+        hd95 = torch.full(p_any.shape, math.nan, dtype=torch.float64)  # not computed
+    else:
+        hd95 = (p_any != r_any).double() * HD95_EMPTY_PENALTY_MM
+    for b in range(pred.shape[0]) if distances else ():
         both = (p_any[b] & r_any[b]).nonzero().flatten()
         if both.numel() == 0:
             continue
