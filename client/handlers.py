@@ -5,19 +5,31 @@ They run either in the ClientApp's own process or in the site's long-lived worke
 (:mod:`client.worker`, ``federation.site_worker``), which then skips importing torch, MONAI and
 the model code for every message. They read nothing of Flower's ``Context`` but the two configs,
 so both places give the same reply.
+
+With ``federation.site_validation=after_reply`` the worker passes ``defer``: a training message
+then hands it the validation of the received global model, which the worker runs after it has
+sent the reply; the scalar metrics wait in the site's state folder
+(:func:`client.state.save_pending_validation`) and the site's next reply, training or evaluate,
+carries them (``val/`` keys tagged with the model's global round). Without a worker the
+validation runs before training and the same reply carries it, as with ``in_train``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from client.state import site_location
+from client.state import RoundTag, save_pending_validation, site_location, site_state_path, take_pending_validation
 from common.arrays import cast_floats
 from common.config import from_run_config
+from common.contract import VALIDATED_ROUND, VALIDATION_PREFIX
+
+
+#: how a handler hands work to the worker for after its reply (None: no worker, do it now)
+Defer = Callable[[Callable[[], None]], None] | None
 
 
 def site_record(name: str) -> ConfigRecord:
@@ -25,7 +37,8 @@ def site_record(name: str) -> ConfigRecord:
     return ConfigRecord({"name": name})
 
 
-def train_content(instruction: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
+def train_content(instruction: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any],
+                  defer: Defer = None) -> RecordDict:
     """Train on the site's data from ``instruction["arrays"]`` with ``instruction["config"]``; the
     reply content: the local weights, the scalar metrics and the site's name."""
     started = time.perf_counter()
@@ -40,20 +53,32 @@ def train_content(instruction: RecordDict, node_config: Mapping[str, Any], run_c
     from common.model import build_model
     from common.wire import load_packed, pack_state
 
+    round_config = instruction["config"]
+    received = int(round_config.get("global-round", 0)) - 1  # type: ignore[call-overload]
     model = build_model(cfg.model, cfg.data.size)
     load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
     opened = time.perf_counter()
     site = SiteSession.open(node_config, cfg)
     open_seconds = time.perf_counter() - opened
-    metrics = site.train(model, instruction["config"])
-    metrics.update(open_seconds=open_seconds, message_seconds=time.perf_counter() - started)
+    later = (defer is not None and cfg.federation.site_validation == "after_reply"
+             and bool(round_config.get("validate", False)))
+    kept = _kept_validation(node_config, cfg, site.name, received)
+    metrics = site.train(model, round_config, defer_validation=later)  # type: ignore[arg-type]
+    if kept and not any(k.startswith(VALIDATION_PREFIX) for k in metrics):
+        metrics.update(kept)
+    metrics.update(open_seconds=open_seconds, message_seconds=time.perf_counter() - started,
+                   validation_after_reply=float(later))
     arrays = cast_floats(pack_state(model.state_dict()), cfg.federation.wire_dtype)
+    if later:
+        defer(lambda: _validate_later(site, cfg, instruction))  # type: ignore[misc]
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": site_record(site.name)})
 
 
-def evaluate_content(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
+def evaluate_content(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any],
+                     defer: Defer = None) -> RecordDict:
     """The received model (``content["arrays"]``) on the site's validation split: scalar metrics
-    (surface distances included) and the site's name."""
+    (surface distances included) and the site's name; plus, with ``after_reply``, the kept
+    validation of the model before it."""
     cfg = from_run_config(run_config)
     # imported here, as in train_content
     from client.session import SiteSession
@@ -63,8 +88,32 @@ def evaluate_content(content: RecordDict, node_config: Mapping[str, Any], run_co
     model = build_model(cfg.model, cfg.data.size)
     load_packed(model, content["arrays"])  # type: ignore[arg-type]
     site = SiteSession.open(node_config, cfg)
-    metrics = site.evaluate(model)
+    config = content["config"] if "config" in content else ConfigRecord({})
+    kept = _kept_validation(node_config, cfg, site.name, int(config.get("global-round", 0)))  # type: ignore[union-attr, call-overload]
+    metrics = {**site.evaluate(model), **kept}
     return RecordDict({"metrics": MetricRecord(metrics), "site": site_record(site.name)})
+
+
+def _kept_validation(node_config: Mapping[str, Any], cfg: Any, name: str, received: int) -> dict[str, float]:
+    """The site's kept validation of the model before the ``received`` one, as reply metrics
+    (``val/`` keys), or nothing."""
+    from client.session import prefixed_validation  # torch: only where a model is used anyway
+
+    validation = take_pending_validation(site_state_path(node_config, name), RoundTag(cfg.federation.run_name, received - 1))
+    return prefixed_validation(validation) if validation else {}
+
+
+def _validate_later(site: Any, cfg: Any, instruction: RecordDict) -> None:
+    """After the reply: the received model on the validation split, kept for the next reply."""
+    # torch and the model code: already imported by train_content
+    from common.model import build_model
+    from common.wire import load_packed
+
+    round_config = instruction["config"]
+    model = build_model(cfg.model, cfg.data.size)
+    load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
+    validation = site.validate_received(model, round_config)
+    save_pending_validation(site.state_dir, RoundTag(cfg.federation.run_name, int(validation[VALIDATED_ROUND])), validation)
 
 
 HANDLERS = {"train": train_content, "evaluate": evaluate_content}

@@ -46,7 +46,7 @@ from client.state import (
 )
 from client.training import LocalTrainer
 from common.config import ExperimentConfig
-from common.contract import SEQUENCES, TASKS, VALIDATION_PREFIX
+from common.contract import SEQUENCES, TASKS, VALIDATED_ROUND, VALIDATION_PREFIX
 from common.data.cache import ValidationCache, preprocessed_dir, site_cache_dir
 from common.data.dataset import make_loader
 from common.data.site import load_site, split_cases
@@ -121,7 +121,7 @@ class SiteSession:
         return facts
 
     # ----------------------------------------------------------------- train
-    def train(self, model: nn.Module, round_config: Mapping[str, Any]) -> dict[str, Any]:
+    def train(self, model: nn.Module, round_config: Mapping[str, Any], *, defer_validation: bool = False) -> dict[str, Any]:
         """Local training of ``model`` (in place) for the stage the server asked for.
 
         Round config keys: ``stage``, ``local-epochs``, ``lr``, ``proximal-mu``,
@@ -131,6 +131,8 @@ class SiteSession:
         ``ssl.enabled``, pseudo-labels are re-selected first when ``pseudo-label`` is True (else
         the stored ones are reused) and merged into training; with ``ssl.consistency`` such a
         round also trains against the site's EMA teacher. The training metrics are finite scalars.
+        ``defer_validation``: the caller validates the received model after the reply
+        (``federation.site_validation=after_reply``, :func:`client.handlers.train_content`).
         """
         cfg = self.cfg
         configure_runtime(cfg, self.device)
@@ -141,13 +143,10 @@ class SiteSession:
             freeze_module(model.imputer)
         metrics = self.description()
         validated: dict[str, Any] = {}  # may hold NaN (e.g. an AUC of a one-class split), as evaluate replies do
-        if bool(round_config.get("validate", False)):
+        if bool(round_config.get("validate", False)) and not defer_validation:
             # the received global model on the validation split, before it is trained: the round's
             # one message also does what an evaluate message would (federation.site_validation)
-            started = time.perf_counter()
-            validation = self.evaluate(model, distances=cfg.federation.site_validation_distances)
-            validation["seconds"] = time.perf_counter() - started
-            validated = {f"{VALIDATION_PREFIX}{k}": v for k, v in validation.items()}
+            validated = prefixed_validation(self.validate_received(model, round_config))
         cases = self.stage_cases(stage)
         if not cases:
             # Nothing to train on in this stage here (imputer pre-training or complete-case-only
@@ -192,6 +191,15 @@ class SiteSession:
         metrics["num-examples"] = float(n_examples)
         model.cpu()
         return {**_scalar_metrics(metrics), **validated}
+
+    def validate_received(self, model: nn.Module, round_config: Mapping[str, Any]) -> dict[str, float]:
+        """The received global model (of round ``global-round`` - 1) on the validation split, as the
+        site validation of a training message reports it: tagged with that round, timed."""
+        started = time.perf_counter()
+        validation = self.evaluate(model, distances=self.cfg.federation.site_validation_distances)
+        validation["seconds"] = time.perf_counter() - started
+        validation[VALIDATED_ROUND] = float(int(round_config.get("global-round", 0)) - 1)
+        return validation
 
     # ------------------------------------------------------- semi-supervision
     def _round_tag(self, round_config: Mapping[str, Any]) -> RoundTag:
@@ -253,6 +261,11 @@ def federation_class_counts(round_config: Mapping[str, Any]) -> np.ndarray | Non
     if not all(k in round_config for k in keys):
         return None
     return np.asarray([list(round_config[k]) for k in keys], dtype=np.float64).reshape(len(TASKS), 2)
+
+
+def prefixed_validation(validation: Mapping[str, float]) -> dict[str, float]:
+    """A site validation as a reply's metrics carry it (``val/`` keys, NaN where undefined)."""
+    return {f"{VALIDATION_PREFIX}{k}": v for k, v in validation.items()}
 
 
 def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -1,11 +1,14 @@
 """A site's local state between rounds: where it lives, and which round wrote it.
 
-The state folder holds the site's pseudo-labels (``pseudo_labels.json``, keyed by case ID) and its
-EMA teacher (``ema_teacher.pt``); nothing in it is sent to the server.
+The state folder holds the site's pseudo-labels (``pseudo_labels.json``, keyed by case ID), its
+EMA teacher (``ema_teacher.pt``) and, with ``federation.site_validation=after_reply``, the scalar
+validation metrics of the last received global model until its next reply carries them
+(``pending_validation.json``); nothing else in it is sent to the server.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +20,8 @@ from common.io import atomic_write
 T = TypeVar("T")
 #: File name of a site's local optimizer state inside its state folder (train.keep_optimizer_state).
 OPTIMIZER_FILE = "optimizer.pt"
+#: The validation of a received global model waiting for the site's next reply (site_validation=after_reply).
+PENDING_VALIDATION_FILE = "pending_validation.json"
 
 
 class SiteConfigError(ValueError):
@@ -91,6 +96,32 @@ def load_optimizer_state(folder: Path, tag: RoundTag) -> dict[str, Any] | None:
     saved, state = read_state_file(path, "the optimizer state", "a fresh optimizer",
                                    lambda payload: (RoundTag.from_dict(payload), dict(payload["optimizer"])))
     return state if saved.precedes(tag) else None
+
+
+def save_pending_validation(folder: Path, model: RoundTag, metrics: Mapping[str, float]) -> None:
+    """Keep the site's validation metrics of the global model of ``model`` (scalars, NaN allowed)
+    for its next reply; replaces what an earlier round left."""
+    payload = json.dumps({**model.as_dict(), "metrics": {str(k): float(v) for k, v in metrics.items()}})
+    atomic_write(Path(folder) / PENDING_VALIDATION_FILE, lambda tmp: tmp.write_text(payload))
+
+
+def take_pending_validation(folder: Path, model: RoundTag) -> dict[str, float] | None:
+    """The kept validation metrics of the global model of ``model``, removed from the folder; None
+    when none is kept, or when what is kept is of another model or run (then it is removed too:
+    it can never be sent). A damaged file raises ValueError naming it."""
+    path = Path(folder) / PENDING_VALIDATION_FILE
+    if not path.exists():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+        kept = RoundTag.from_dict(payload)
+        metrics = {str(k): float(v) for k, v in dict(payload["metrics"]).items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read the kept validation metrics {path} ({type(exc).__name__}: {exc}). "
+                         "Delete the file; the model it belonged to is then recorded without this site's "
+                         "validation") from exc
+    path.unlink()
+    return metrics if kept == model else None
 
 
 def read_state_file(path: Path, what: str, fresh: str, parse: Callable[[dict], T]) -> T:

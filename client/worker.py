@@ -6,7 +6,9 @@ alive (adap/flower#3670), so every message paid for importing torch, MONAI and t
 the worker, the first message of a site starts it; the ClientApp then only hands each message's
 content to it and returns its reply. Each message still builds its model and opens its site
 afresh (:mod:`client.handlers`: the same code, so the replies are the same), so nothing of one
-message leaks into the next but the imported modules.
+message leaks into the next but the imported modules. Work a handler leaves for after its reply
+(``federation.site_validation=after_reply``: the received model's validation) runs once the reply
+is sent; the next message waits for it.
 
 Where it runs and who may talk to it:
 
@@ -271,20 +273,36 @@ def serve(address: Path, state_dir: Path, idle_s: float, owner_pid: int) -> None
             with conn:
                 kind, content, node_config, run_config = conn.recv()
                 started = time.perf_counter()
+                later: list[Any] = []  # work a handler leaves for after its reply (after_reply validation)
                 try:
-                    reply = ("ok", handlers.HANDLERS[kind](content, node_config, run_config), "")
+                    reply = ("ok", handlers.HANDLERS[kind](content, node_config, run_config, defer=later.append), "")
                 except Exception as exc:  # noqa: BLE001 - handed to the ClientApp, which replies with an error
                     reply = ("error", _portable(exc), traceback.format_exc())
                 served += 1
                 print(f"worker {os.getpid()}: {kind} message {served} in {time.perf_counter() - started:.1f} s "
                       f"({reply[0]})", flush=True)
                 conn.send(reply)
-                del reply
-                _release_gpu_memory()
+                del reply, content
+            _after_reply(later)
+            _release_gpu_memory()
         except (OSError, EOFError) as exc:
             print(f"worker {os.getpid()}: lost the ClientApp during a message ({type(exc).__name__})", flush=True)
         finally:
-            lifetime.end()
+            lifetime.end()  # the next message waits for the work after the reply: it reads its result
+
+
+def _after_reply(jobs: list[Any]) -> None:
+    """Run the work handlers left for after their reply; a failure is logged here (worker.log):
+    the next reply then lacks what the job would have kept, and the server records the model
+    without this site's validation."""
+    for job in jobs:
+        started = time.perf_counter()
+        try:
+            job()
+        except Exception:  # noqa: BLE001 - the reply is sent already; nothing else to tell
+            print(f"worker {os.getpid()}: the work after the reply failed:\n{traceback.format_exc()}", flush=True)
+        else:
+            print(f"worker {os.getpid()}: work after the reply in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def _release_gpu_memory() -> None:

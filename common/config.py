@@ -31,7 +31,7 @@ TASK_WEIGHTINGS: tuple[str, ...] = ("uncertainty", "equal")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
 UPDATE_BOUNDS: tuple[str, ...] = ("reject", "clip", "off")
 QUORUM_ACTIONS: tuple[str, ...] = ("skip", "stop")
-SITE_VALIDATIONS: tuple[str, ...] = ("in_train", "message")
+SITE_VALIDATIONS: tuple[str, ...] = ("after_reply", "in_train", "message")
 WIRE_DTYPES: tuple[str, ...] = ("float32", "float16")
 DP_MODES: tuple[str, ...] = ("off", "fixed", "adaptive")
 #: The strategies client-level DP works with: its noise is calibrated to a plain average.
@@ -175,11 +175,14 @@ class FederationConfig:
     node_wait_s: float = 300.0  # give up (clear error) when nodes do not connect in time
     round_timeout_s: float = 3600.0
     evaluate_sites: bool = True  # per-site validation metrics of the global models
-    # "in_train": a site validates the received global model inside the training message, before
-    # training (one message per site per round; a last evaluate message validates the final model);
-    # "message": a separate evaluate message after every round
-    site_validation: str = "in_train"
-    validate_every: int = 1  # with in_train: validate the global models of every k-th round (and the last)
+    # "after_reply": a site validates the received global model in the same training message, but
+    # after it has sent its reply (in its worker, federation.site_worker; without one, before
+    # training), and the metrics travel with its next reply: the validation is off the round's
+    # critical path, and the server records a global model one round later. "in_train": before
+    # training, in the same reply. Both: one message per site per round, and a last evaluate message
+    # validates the final model. "message": a separate evaluate message after every round.
+    site_validation: str = "after_reply"
+    validate_every: int = 1  # with after_reply/in_train: validate the models of every k-th round (and the last)
     # HD95 and the lesion-wise scores in every site validation; false: only in the final model's
     # (the evaluate message after the last round). Model selection reads Dice and AUCs only, and
     # the surface distances were a third of a demo site's validation time.

@@ -115,6 +115,8 @@ PARAM_GROUPS: tuple[str, ...] = ("stems", "imputer", "fusion", "encoder", "decod
 SEG_TERM = "seg"
 SURVIVAL_TERM = "survival"
 
-#: prefix of the metrics in a training reply that validate the *received* global model at the site
-#: (federation.site_validation=in_train), as opposed to the local training that followed
+#: prefix of the metrics in a reply that validate a *received* global model at the site
+#: (federation.site_validation=in_train/after_reply), as opposed to the local training
 VALIDATION_PREFIX = "val/"
+#: In a site validation: the global round of the model it validated (tags it across replies)
+VALIDATED_ROUND = "global-round"

@@ -3,6 +3,8 @@ the held-out center, keep the run folder (metrics.json, checkpoints, report) up 
 
 from __future__ import annotations
 
+import copy
+
 import math
 import time
 from logging import INFO, WARNING
@@ -73,7 +75,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     strategy = build_strategy(cfg.federation, schedule=schedule, identities=identities, privacy=privacy)
 
     latest = {"calibration": Calibration()}  # the latest fit, for models the sites do not validate
-    pending: dict[str, Any] = {}  # a global model waiting for its validation in the next round's replies
+    # global models waiting for their sites' validation in later replies ({global round: model})
+    pending: dict[int, dict[str, Any]] = {}
 
     def complete(global_round: int, arrays: ArrayRecord, round_log: dict[str, Any], sites: dict[str, Any]) -> dict[str, float]:
         """Score and record the global model of ``global_round`` once its site validation is in."""
@@ -110,10 +113,17 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         log(INFO, "round %d held-out: %s", global_round, _brief(metrics))
         return metrics
 
-    def on_validation(sites: dict[str, Any]) -> None:
-        """The sites' validation of the pending global model arrived with the next round's replies."""
-        if pending:
-            complete(**pending.pop("model"), sites=sites)
+    def on_validation(by_round: dict[int, dict[str, Any]], upto: int) -> None:
+        """Replies brought the sites' validation of the pending global models in ``by_round``; those
+        up to round ``upto`` have all theirs now (validation_lag) and are recorded, in order."""
+        for global_round, sites in by_round.items():
+            if global_round in pending:
+                pending[global_round]["sites"].update(sites)
+            else:  # e.g. a site's kept validation from before a restart: that model is recorded already
+                log(WARNING, "validation of global model %d from %s arrived when no such model was waiting; "
+                    "ignored", global_round, ", ".join(sorted(sites)))
+        for global_round in sorted(g for g in pending if g <= upto):
+            complete(**pending.pop(global_round))
 
     strategy.on_validation = on_validation
 
@@ -124,7 +134,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         round_log = strategy.pop_round()
         if schedule.validated_in_train(global_round) and strategy.stop_reason is None:
             # recorded when the next round's training replies bring the sites' validation
-            pending["model"] = {"global_round": global_round, "arrays": arrays, "round_log": round_log}
+            # a copy: with after_reply the model waits two rounds, while the strategy goes on from it
+            pending[global_round] = {"global_round": global_round, "arrays": copy.deepcopy(arrays),
+                                     "round_log": round_log, "sites": {}}
             return None
         metrics = complete(global_round, arrays, round_log, round_log["sites"])
         if strategy.stop_reason is not None:
@@ -141,8 +153,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
             else:
                 strategy.start(**run, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
         finally:
-            if pending:  # the run stopped before the sites validated a finished model: keep it
-                complete(**pending.pop("model"), sites={})
+            for global_round in sorted(pending):  # the run stopped before the sites validated these: keep them
+                complete(**pending.pop(global_round))
     elif budget_stop is not None:
         log(WARNING, "%s: the privacy budget is spent; nothing to train", folder.root)
     else:

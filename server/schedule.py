@@ -9,12 +9,16 @@ Stages (in order):
   2. ``supervised`` rounds; after ``ssl.warmup_rounds`` of them, pseudo-labeling is switched on
      (``pseudo-label=True``) when ``ssl.enabled``.
 
-Site validation of the global models (``federation.evaluate_sites``): with
-``federation.site_validation=in_train`` a site validates the model it receives inside the training
-message, before training (``validate=True`` in the round config), so round g's replies carry the
-validation of global model g-1, for the models of every ``validate_every``-th round; the final
-model is validated by one evaluate message after the last round. With ``message`` every round has
-an evaluate message, as Flower's strategies do by default.
+Site validation of the global models (``federation.evaluate_sites``): a site validates the model it
+receives inside round g's training message (``validate=True`` in the round config), for the models
+of every ``validate_every``-th round; the final model is validated by one evaluate message after
+the last round. With ``federation.site_validation=in_train`` it validates before training and
+round g's replies carry the validation of global model g-1 (:attr:`RoundSchedule.validation_lag`
+1); with ``after_reply`` it validates after sending its reply, off the round's critical path, and
+its next reply carries it: model g-1's validation arrives with round g+1's replies, or with the
+evaluate message after the last round (lag 2). Every reply tags its validation with the model's
+global round. With ``message`` every round has an evaluate message, as Flower's strategies do by
+default.
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ class RoundSchedule:
 
     @property
     def in_train_validation(self) -> bool:
-        return self.evaluate_sites and self.cfg.federation.site_validation == "in_train"
+        """The sites validate the received models inside the training messages (not in evaluate messages)."""
+        return self.evaluate_sites and self.cfg.federation.site_validation in {"in_train", "after_reply"}
+
+    @property
+    def validation_lag(self) -> int:
+        """Round g's training replies bring the validation of the model of round g - lag at the latest."""
+        return 2 if self.cfg.federation.site_validation == "after_reply" else 1
 
     def model_validated(self, global_round: int) -> bool:
         """Whether the sites validate the global model of ``global_round`` (0: the initial one)."""

@@ -40,7 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.contract import TASKS, VALIDATION_PREFIX
+from common.contract import TASKS, VALIDATED_ROUND, VALIDATION_PREFIX
 from common.wire import SURVIVAL_HEAD
 from server.errors import FederationError, NodeWaitTimeout
 from server.schedule import RoundSchedule
@@ -98,10 +98,12 @@ class FederationMixin:
         self.masked_updates = False
         self.min_nodes = int(self.min_available_nodes)  # type: ignore[attr-defined]
         self.stop_reason: str | None = None  # set when a round missed its quorum and the run stops
-        # called with {site: validation metrics} of the received global model when a round's training
-        # replies carry them (federation.site_validation=in_train)
-        self.on_validation: Callable[[dict[str, dict[str, Any]]], None] | None = None
-        self.validation: dict[str, dict[str, Any]] = {}
+        # called after each round's training replies and the evaluate replies after the last round
+        # with {global round: {site: validation metrics}} of the global models those replies validated
+        # (federation.site_validation=in_train/after_reply) and the latest round whose
+        # validations are now all in (server.schedule.RoundSchedule.validation_lag)
+        self.on_validation: Callable[[dict[int, dict[str, dict[str, Any]]], int], None] | None = None
+        self.validation: dict[int, dict[str, dict[str, Any]]] = {}
         self._started = False  # after the first phase, missing sites are waited for only briefly
         self._reference: dict[str, tuple[tuple[int, ...], str]] = {}
         self._current: ArrayRecord | None = None  # the global model a round starts from
@@ -249,7 +251,7 @@ class FederationMixin:
             self._instructions = list(super().configure_evaluate(server_round, arrays, round_config, grid))  # type: ignore[misc]
         return self._to_wire(self._instructions)
 
-    def _screen(self, replies: Iterable[Message], *, train: bool) -> list[tuple[str, Message]]:
+    def _screen(self, replies: Iterable[Message], *, train: bool, received: int) -> list[tuple[str, Message]]:
         """The usable replies with their sites' names; everything else logged and recorded by site."""
         self.registry.remember(self._instructions)
         sent = {m.metadata.dst_node_id: nbytes(m.content.array_records[self.arrayrecord_key])  # type: ignore[attr-defined]
@@ -269,8 +271,8 @@ class FederationMixin:
                 log(WARNING, "site %s failed this round: %s", name, self.failures[name])
                 continue
             content = reply.content
-            if claim.conflict is None and train:
-                self._take_validation(name, content)
+            if claim.conflict is None:
+                self._take_validation(name, content, received)
             if claim.conflict is not None:
                 reason = f"identity conflict: {claim.conflict}"
             elif len(content.metric_records) != 1 or (train and len(content.array_records) != 1):
@@ -295,15 +297,24 @@ class FederationMixin:
             kept.append((name, reply))
         return kept
 
-    def _take_validation(self, name: str, content: RecordDict) -> None:
-        """Move the ``val/`` metrics (the site's validation of the received global model) out of a
-        training reply's MetricRecord into :attr:`validation`."""
+    def _take_validation(self, name: str, content: RecordDict, received: int) -> None:
+        """Move the ``val/`` metrics (the site's validation of a global model it received) out of a
+        reply's MetricRecord into :attr:`validation`, under the global round they are tagged with
+        (``received``, the round of the model this message sent, when untagged). A tag that names
+        no model this site can have validated (the future) is ignored, with a warning."""
         for record in content.metric_records.values():
             keys = [k for k in record.keys() if k.startswith(VALIDATION_PREFIX)]
-            if keys:
-                self.validation[name] = record_to_dict(MetricRecord({k[len(VALIDATION_PREFIX):]: record[k] for k in keys}))
-                for key in keys:
-                    del record[key]
+            if not keys:
+                continue
+            values = {k[len(VALIDATION_PREFIX):]: record[k] for k in keys}
+            for key in keys:
+                del record[key]
+            tag = values.pop(VALIDATED_ROUND, received)
+            if not isinstance(tag, (int, float)) or not float(tag).is_integer() or not 0 <= tag <= received:
+                log(WARNING, "site %s sent a validation of global model %r (this message sent model %d); ignored",
+                    name, tag, received)
+                continue
+            self.validation.setdefault(int(tag), {})[name] = record_to_dict(MetricRecord(values))
 
     def _bound(self, kept: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
         """Reject or clip outlying updates and cap averaging weights (:mod:`server.strategy.bounds`)."""
@@ -369,12 +380,10 @@ class FederationMixin:
         replies = list(replies)
         self._mark("train")
         self.validation = {}
-        kept = self._screen(replies, train=True)
-        if self.on_validation is not None and bool(self._instructions) and bool(
-            self._instructions[0].content[self.configrecord_key].get("validate", False)  # type: ignore[attr-defined]
-        ):
-            # the previous global model is recorded first, also when this round fails below
-            self.on_validation(self.validation)
+        kept = self._screen(replies, train=True, received=self.schedule.global_round(server_round) - 1)
+        if self.on_validation is not None:
+            # earlier global models are recorded first, also when this round fails below
+            self.on_validation(self.validation, self.schedule.global_round(server_round) - self.schedule.validation_lag)
         for name, reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
             if "n_train" in metrics:
@@ -416,7 +425,12 @@ class FederationMixin:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         self._mark("site_eval")
-        kept = self._screen(list(replies), train=False)
+        self.validation = {}
+        kept = self._screen(list(replies), train=False, received=self.schedule.global_round(server_round))
+        if self.on_validation is not None and self.schedule.evaluate_message(server_round):
+            # with after_reply, the evaluate replies also bring the validation of the model before.
+            # (Flower calls this also in rounds that sent no evaluate message: nothing is due then.)
+            self.on_validation(self.validation, self.schedule.global_round(server_round) - 1)
         for name, reply in kept:
             metrics = next(iter(reply.content.metric_records.values()))
             self.eval_metrics[name] = record_to_dict(metrics)

@@ -34,7 +34,8 @@ def test_two_rounds_over_tls_then_resume(cohort: Path, tmp_path: Path) -> None:
     from deploy.demo import run_demo
 
     runs, workdir = tmp_path / "runs", tmp_path / "federation"
-    overrides = ["+experiment=tiny", "federation.rounds=2", "federation.evaluate_sites=true"]
+    # min_metric_cases=1: the tiny sites' 1-2 validation cases send their metrics (model selection)
+    overrides = ["+experiment=tiny", "federation.rounds=2", "federation.evaluate_sites=true", "federation.min_metric_cases=1"]
     run_dir = run_demo(cohort, workdir=workdir, out=runs, overrides=overrides, timeout=600)
 
     history = json.loads((run_dir / "metrics.json").read_text())
@@ -42,9 +43,15 @@ def test_two_rounds_over_tls_then_resume(cohort: Path, tmp_path: Path) -> None:
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
     for entry in history["rounds"][1:]:
         assert set(entry["train"]) == {"site-a", "site-b"}, entry["failures"]
-        assert set(entry["sites"]) == {"site-a", "site-b"}
         assert entry["train"]["site-a"]["num-examples"] > 0
         assert not entry["rejected"] and not entry["failures"]
+        # federation.site_validation=after_reply: the sites' workers validated after replying ...
+        assert entry["train"]["site-a"]["validation_after_reply"] == 1.0
+    # ... and every global model, the initial one included, has both sites' validation (model 0's
+    # came with round 2's replies, model 1's with the evaluate message after the last round)
+    for entry in history["rounds"]:
+        assert set(entry["sites"]) == {"site-a", "site-b"}, entry["round"]
+        assert entry["selection_score"] is not None
     assert 0.0 <= history["final"]["heldout"]["dice_wt"] <= 1.0
     checkpoints = run_dir / "checkpoints"
     for name in ("round-000.pt", "round-001.pt", "round-002.pt", "last.pt", "best.pt"):

@@ -80,7 +80,8 @@ def test_the_worker_replies_as_the_clientapp_process_does_is_reused_and_serves_o
 ) -> None:
     state = tmp_path / "state"
     stop_workers.append(state)
-    instruction, node, run_config = _message(cohort, state)
+    # validation in the reply (after_reply: test_validation_after_the_reply_travels_with_the_next_reply)
+    instruction, node, run_config = _message(cohort, state, "federation.site_validation=in_train")
     local = train_content(instruction, node, run_config)
     first, started = call("train", instruction, node, run_config, state, idle_s=60, owner_pid=os.getpid())
     assert started
@@ -97,7 +98,7 @@ def test_the_worker_replies_as_the_clientapp_process_does_is_reused_and_serves_o
             k: v for k, v in local["metrics"].items() if k not in timing}
         assert dict(reply["site"]) == {"name": "site-a"}
     # the evaluate handler too (one validation case here: let its metrics through)
-    _, _, run_config = _message(cohort, state, "federation.min_metric_cases=1")
+    _, _, run_config = _message(cohort, state, "federation.min_metric_cases=1", "federation.site_validation=in_train")
     content = RecordDict({"arrays": instruction["arrays"]})
     evaluated, _ = call("evaluate", content, node, run_config, state, 60, os.getpid())
     expected = evaluate_content(content, node, run_config)["metrics"]
@@ -117,6 +118,43 @@ def test_the_worker_replies_as_the_clientapp_process_does_is_reused_and_serves_o
     # ... and the same worker serves on
     reply, started = call("train", instruction, node, run_config, state, 60, os.getpid())
     assert not started and worker_pid(state) == pid and reply["metrics"]["num-examples"] > 0
+
+
+def test_validation_after_the_reply_travels_with_the_next_reply(cohort: Path, tmp_path: Path, stop_workers) -> None:
+    """federation.site_validation=after_reply: the worker validates the received model after it
+    replied; the next reply (training or evaluate) carries those metrics, tagged with the model's
+    round, equal to what a validation before training gives; kept metrics of another model are
+    never sent."""
+    state = tmp_path / "state"
+    stop_workers.append(state)
+    instruction, node, run_config = _message(cohort, state, "federation.min_metric_cases=1")
+    # without a worker: validated before training, in the same reply, tagged with model 0
+    inline = dict(train_content(instruction, node, run_config)["metrics"])
+    assert inline["val/global-round"] == 0.0 and inline["validation_after_reply"] == 0.0
+    assert np.isfinite(inline["val/dice_wt"])
+    first, _ = call("train", instruction, node, run_config, state, 60, os.getpid())
+    assert first["metrics"]["validation_after_reply"] == 1.0
+    assert not any(k.startswith("val/") for k in first["metrics"])  # the validation is not done yet
+    assert _arrays(first).keys() == _arrays(RecordDict({"arrays": instruction["arrays"]})).keys()
+    # round 2's reply brings model 0's validation (and the worker keeps model 1's for later)
+    round_2 = RecordDict({"arrays": first["arrays"],
+                          "config": ConfigRecord({"stage": "supervised", "global-round": 2, "validate": True})})
+    second, _ = call("train", round_2, node, run_config, state, 60, os.getpid())
+    carried = {k: v for k, v in second["metrics"].items() if k.startswith("val/")}
+    assert carried["val/global-round"] == 0.0
+    assert {k: v for k, v in carried.items() if k != "val/seconds"} == pytest.approx(
+        {k: v for k, v in inline.items() if k.startswith("val/") and k != "val/seconds"}, nan_ok=True)
+    # the evaluate message after the last round brings model 1's, beside the final model's own
+    final = RecordDict({"arrays": second["arrays"], "config": ConfigRecord({"global-round": 2})})
+    evaluated, _ = call("evaluate", final, node, run_config, state, 60, os.getpid())
+    assert evaluated["metrics"]["val/global-round"] == 1.0 and np.isfinite(evaluated["metrics"]["dice_wt"])
+    # nothing is kept now; and what is kept for another model is dropped, not sent
+    again, _ = call("evaluate", final, node, run_config, state, 60, os.getpid())
+    assert not any(k.startswith("val/") for k in again["metrics"])
+    call("train", round_2, node, run_config, state, 60, os.getpid())  # keeps model 1's validation
+    later = RecordDict({"arrays": second["arrays"], "config": ConfigRecord({"global-round": 7})})
+    skipped, _ = call("evaluate", later, node, run_config, state, 60, os.getpid())
+    assert not any(k.startswith("val/") for k in skipped["metrics"])
 
 
 def test_a_killed_worker_is_replaced_by_the_next_message(cohort: Path, tmp_path: Path, stop_workers) -> None:
