@@ -7,8 +7,9 @@ the model code for every message. They read nothing of Flower's ``Context`` but 
 so both places give the same reply.
 
 With ``federation.site_validation=after_reply`` the worker passes ``defer``: a training message
-then hands it the validation of the received global model, which the worker runs after it has
-sent the reply; the scalar metrics wait in the site's state folder
+then hands it the validation of the received global model (and, with ``ssl.select_after_reply``
+in a round before a pseudo-labeling round, that round's pseudo-label selection with the same
+model), which the worker runs after it has sent the reply; the scalar metrics wait in the site's state folder
 (:func:`client.state.save_pending_validation`) and the site's next reply, training or evaluate,
 carries them (``val/`` keys tagged with the model's global round). Without a worker the
 validation runs before training and the same reply carries it, as with ``in_train``.
@@ -62,6 +63,8 @@ def train_content(instruction: RecordDict, node_config: Mapping[str, Any], run_c
     open_seconds = time.perf_counter() - opened
     later = (defer is not None and cfg.federation.site_validation == "after_reply"
              and bool(round_config.get("validate", False)))
+    select_later = (defer is not None and cfg.ssl.enabled and cfg.ssl.select_after_reply
+                    and bool(round_config.get("select-after-reply", False)))
     kept = _kept_validation(node_config, cfg, site.name, received)
     metrics = site.train(model, round_config, defer_validation=later)  # type: ignore[arg-type]
     if kept and not any(k.startswith(VALIDATION_PREFIX) for k in metrics):
@@ -71,6 +74,8 @@ def train_content(instruction: RecordDict, node_config: Mapping[str, Any], run_c
     arrays = cast_floats(pack_state(model.state_dict()), cfg.federation.wire_dtype)
     if later:
         defer(lambda: _validate_later(site, cfg, instruction))  # type: ignore[misc]
+    if select_later:
+        defer(lambda: _select_later(site, cfg, instruction))  # type: ignore[misc]
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": site_record(site.name)})
 
 
@@ -114,6 +119,22 @@ def _validate_later(site: Any, cfg: Any, instruction: RecordDict) -> None:
     load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
     validation = site.validate_received(model, round_config)
     save_pending_validation(site.state_dir, RoundTag(cfg.federation.run_name, int(validation[VALIDATED_ROUND])), validation)
+
+
+def _select_later(site: Any, cfg: Any, instruction: RecordDict) -> None:
+    """After the reply: the next round's pseudo-labels, selected with the received model
+    (``ssl.select_after_reply``); that round uses them and reports the selection's metrics."""
+    # torch and the model code: already imported by train_content
+    from client.pseudo_labels import predict_pseudo_labels, save_pseudo_labels
+    from common.model import build_model
+    from common.wire import load_packed
+
+    model = build_model(cfg.model, cfg.data.size)
+    load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
+    cases = site.stage_cases("supervised")
+    result = predict_pseudo_labels(model, cases, cfg, site.device, cache_dir=site.preprocessed)
+    tag = RoundTag(cfg.federation.run_name, int(instruction["config"].get("global-round", 0)))  # type: ignore[union-attr, call-overload]
+    save_pseudo_labels(site.state_dir, cases, result.labels, tag, selected_after_reply=result.metrics)
 
 
 HANDLERS = {"train": train_content, "evaluate": evaluate_content}

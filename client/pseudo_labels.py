@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -254,10 +254,13 @@ def store_path(state_path: Path | str) -> Path:
 
 
 def save_pseudo_labels(
-    state_path: Path | str, cases: Sequence[CaseRecord], labels: np.ndarray, tag: RoundTag
+    state_path: Path | str, cases: Sequence[CaseRecord], labels: np.ndarray, tag: RoundTag,
+    *, selected_after_reply: Mapping[str, float] | None = None,
 ) -> Path:
     """Write the cases' pseudo-labels (N, T) to the site's store atomically; only cases with at
-    least one pseudo-label are listed. Returns the file written."""
+    least one pseudo-label are listed. Returns the file written. ``selected_after_reply``: the
+    selection's metrics, when the site's worker selected them after round ``tag``'s reply for
+    the next round (``ssl.select_after_reply``), which then reports them."""
 
     if labels.shape != (len(cases), len(TASKS)):
         raise ValueError(f"save_pseudo_labels: labels must be ({len(cases)}, {len(TASKS)}), got {labels.shape}")
@@ -266,7 +269,9 @@ def save_pseudo_labels(
         for case, row in zip(cases, labels)
         if (row != UNKNOWN_LABEL).any()
     }
-    payload = {"format": STORE_FORMAT, **tag.as_dict(), "tasks": list(TASKS), "labels": entries}
+    payload: dict[str, Any] = {"format": STORE_FORMAT, **tag.as_dict(), "tasks": list(TASKS), "labels": entries}
+    if selected_after_reply is not None:
+        payload["selected_after_reply"] = {str(k): float(v) for k, v in selected_after_reply.items()}
     path = store_path(state_path)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, sort_keys=True)))
     return path
@@ -350,10 +355,16 @@ def prepare_pseudo_labels(
     meanwhile become real are dropped, and the store is rewritten without them); with no usable
     store there are none.
 
+    A refresh uses the labels the site's worker selected after the previous round's reply
+    (:func:`selected_after_reply`) when there are such; it selects itself otherwise.
+
     Metrics: always ``pseudo_used`` (pseudo-labels merged into training); on refresh also those
-    of :func:`predict_pseudo_labels`.
+    of :func:`predict_pseudo_labels` (``pseudo_after_reply`` 1 when the worker selected them).
     """
-    if refresh:
+    early = selected_after_reply(state_path, cases, tag) if refresh else None
+    if early is not None:
+        result = early
+    elif refresh:
         result = predict_pseudo_labels(model, cases, cfg, device,
                                        cache_dir=preprocessed_dir(Path(state_path), cfg.data.site_cache))
         save_pseudo_labels(state_path, cases, result.labels, tag)
@@ -367,6 +378,20 @@ def prepare_pseudo_labels(
         result = PseudoLabels(labels=labels, metrics={})
     result.metrics["pseudo_used"] = float(result.count)
     return result
+
+
+def selected_after_reply(state_path: Path | str, cases: Sequence[CaseRecord], tag: RoundTag) -> PseudoLabels | None:
+    """The pseudo-labels the site's worker selected for round ``tag`` after the previous round's
+    reply (the store written by that round with ``selected_after_reply``), with that selection's
+    metrics; None when the store holds none for this round (then the round selects itself)."""
+    stored = read_pseudo_labels(state_path)  # a damaged store is an error naming it
+    if stored is None or stored[0] != RoundTag(tag.run_name, tag.global_round - 1):
+        return None
+    metrics = json.loads(store_path(state_path).read_text()).get("selected_after_reply")
+    if not isinstance(metrics, dict):
+        return None
+    labels, _ = pseudo_label_matrix(stored[1], cases)  # labels that became real meanwhile are dropped
+    return PseudoLabels(labels=labels, metrics={**{str(k): float(v) for k, v in metrics.items()}, "pseudo_after_reply": 1.0})
 
 
 # --------------------------------------------------------------------------- training hook

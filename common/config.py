@@ -162,6 +162,11 @@ class SSLConfig:
     pseudo_weight: float = 1.0
     cutmix_alpha: float = 1.0  # Beta(a, a) of the student's CutMix boxes; 0 = no CutMix
     complementary_dropout: bool = True  # two student streams with complementary feature masks
+    # in the site's worker (federation.site_worker), a round that precedes a pseudo-labeling round
+    # selects that round's pseudo-labels after its reply, with the model it received (one round
+    # older than the next round's): the selection is off the round's critical path. Without a
+    # worker, or false: the pseudo-labeling round selects them itself, before training.
+    select_after_reply: bool = True
 
 
 @dataclass(frozen=True)

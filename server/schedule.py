@@ -100,6 +100,8 @@ class RoundSchedule:
             "lr": float(self.cfg.train.lr),
             "local-epochs": int(epochs),
             "pseudo-label": self.pseudo_labeling(g),
+            # the next round re-selects pseudo-labels: a site's worker may select them after this reply
+            "select-after-reply": g < self.final_round and self.pseudo_labeling(g + 1),
             # after a resume the received model (round `offset`) was validated before the restart
             "validate": self.validated_in_train(g - 1) and not (server_round == 1 and self.offset > 0),
             "freeze-imputer": bool(

@@ -10,6 +10,10 @@ in one invocation, so that every ratio comes from one machine state:
            process start, polling, transfer), measured instead of guessed;
   fp16   - (``--fp16``) the demo schedule with weights sent as float16 both ways
            (``federation.wire_dtype=float16``, float32 averaging): bytes and the held-out effect;
+  in-train - (``--in-train``) the demo schedule with the received model's validation and the
+           pseudo-label selection inside the message, before training
+           (``federation.site_validation=in_train``, ``ssl.select_after_reply=false``), as before
+           the after-reply defaults;
   no-worker - (``--no-worker``) the demo schedule with every message in its own ClientApp
            process, as Flower runs it (``federation.site_worker=false``): what the site's
            long-lived worker (client.worker) saves.
@@ -21,7 +25,7 @@ model, pseudo-labels, training), their ratios, the overhead (wall minus the slow
 each phase's time and the bytes sent to and received from each site.
 
     make bench-federation
-    make bench-federation ARGS="--fp16 --no-worker"
+    make bench-federation ARGS="--in-train --fp16 --no-worker"
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", type=Path, default=ROOT / "docs/benchmarks/federation.md")
     p.add_argument("--fp16", action="store_true", help="also run with float16 weights on the wire")
     p.add_argument("--no-worker", action="store_true", help="also run without the sites' long-lived worker")
+    p.add_argument("--in-train", action="store_true",
+                   help="also run with the validation and pseudo-label selection inside the message, before training")
     p.add_argument("--from-runs", action="store_true", help="only re-render the table from the run folders under --out")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     from fedglioma.cli import parse_args_with_overrides
@@ -69,10 +75,16 @@ def round_rows(history: dict[str, Any]) -> list[dict[str, Any]]:
         site, m = max(train.items(), key=lambda kv: kv[1].get("seconds", 0.0), default=(None, {}))
         training = float(m.get("seconds", 0.0))
         message = float(m.get("message_seconds", 0.0))
-        # the site validated the previous round's global model inside this message
+        # the site validated the previous round's global model in this message: before training
+        # (in_train), or after its reply (after_reply: then it is not part of the message's time)
         validated = ((rounds.get(number - 1) or {}).get("sites") or {}).get(site, {})
         validation = float(validated["seconds"]) if "seconds" in validated else None
+        validation_later = bool(m.get("validation_after_reply"))
+        # the pseudo-labels this round trained with: selected in it, or after the previous reply
         pseudo = float(m["pseudo_seconds"]) if "pseudo_seconds" in m else None
+        pseudo_later = bool(m.get("pseudo_after_reply"))
+        later = [x for x, off in ((validation, validation_later), (pseudo, pseudo_later)) if off and x is not None]
+        validation, pseudo = (None if validation_later else validation), (None if pseudo_later else pseudo)
         rows.append({
             "round": number,
             "stage": entry.get("stage"),
@@ -83,6 +95,8 @@ def round_rows(history: dict[str, Any]) -> list[dict[str, Any]]:
             "slowest_open_s": float(m.get("open_seconds", 0.0)),
             "slowest_validation_s": validation,
             "slowest_pseudo_s": pseudo,
+            # that site's validation and pseudo-label selection done after a reply (off the critical path)
+            "slowest_after_reply_s": sum(later) if later else None,
             # the rest of the message: imports, model build, opening the site, hand-over to the worker
             "slowest_setup_s": message - training - (validation or 0.0) - (pseudo or 0.0) if message > 1.0 else None,
             "worker_started": m.get("worker_started"),
@@ -137,6 +151,8 @@ def render(results: list[dict[str, Any]], command: str) -> str:
         "ClientApp call (model set-up, opening the site, validating the received global model,",
         "selecting pseudo-labels, training); *validation* and *pseudo*: those parts of it; *set-up*:",
         "the rest of it (imports, model build, opening the site's cache, hand-over to the site's worker);",
+        "*after reply*: that site's validation and pseudo-label selection done by its worker after it",
+        "replied (`federation.site_validation=after_reply`, `ssl.select_after_reply`; not in *message*);",
         "*Flower* = wall - message (process start, polling, transfer); *overhead* = wall - training.",
         "The evaluate message after the last round (the final model's validation) is listed apart.",
         "",
@@ -144,14 +160,14 @@ def render(results: list[dict[str, Any]], command: str) -> str:
     for result in results:
         lines += [f"## {result['name']} ({' '.join(result['overrides']) or 'demo defaults'}; "
                   f"{result['seconds']:.0f} s in all)", "",
-                  "| round | stage | wall s | slowest site | training s | message s | validation s | pseudo s | set-up s | Flower s | wall/training | wall/message | overhead s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| round | stage | wall s | slowest site | training s | message s | validation s | pseudo s | set-up s | after reply s | Flower s | wall/training | wall/message | overhead s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["rounds"]:
             lines.append("| " + " | ".join([
                 str(row["round"]), str(row["stage"]), fmt(row["wall_s"], 1), str(row["slowest_site"]),
                 fmt(row["slowest_training_s"], 1), fmt(row["slowest_message_s"], 1),
                 fmt(row["slowest_validation_s"], 1), fmt(row["slowest_pseudo_s"], 1), fmt(row.get("slowest_setup_s"), 1),
-                fmt(row["flower_s"], 1),
+                fmt(row.get("slowest_after_reply_s"), 1), fmt(row["flower_s"], 1),
                 fmt(row["ratio_training"]), fmt(row["ratio_message"]), fmt(row["overhead_s"], 1)]) + " |")
         lines.append("")
         final = [r["final_eval_s"] for r in result["rounds"] if r["final_eval_s"] is not None]
@@ -187,7 +203,7 @@ def against_target(by: dict[str, dict[str, Any]]) -> list[str]:
     makes that impossible, overhead at most 1.5x the floor; the verdict is computed, not written."""
     floor = _mean([r["wall_s"] for r in by["floor"]["rounds"] if r["round"] >= 2])
     lines = ["## Against the target (rounds 2+)", ""]
-    for name in ("demo", "no-worker", "fp16"):
+    for name in ("demo", "in-train", "no-worker", "fp16"):
         rows = [r for r in by.get(name, {}).get("rounds", []) if r["round"] >= 2]
         if not rows:
             continue
@@ -212,6 +228,8 @@ def against_target(by: dict[str, dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = [("demo", []), ("floor", ["federation.empty_rounds=true"])]
+    if args.in_train:
+        runs.append(("in-train", ["federation.site_validation=in_train", "ssl.select_after_reply=false"]))
     if args.no_worker:
         runs.append(("no-worker", ["federation.site_worker=false"]))
     if args.fp16:

@@ -5,6 +5,7 @@ nobody without the site's key."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,49 @@ def test_validation_after_the_reply_travels_with_the_next_reply(cohort: Path, tm
     later = RecordDict({"arrays": second["arrays"], "config": ConfigRecord({"global-round": 7})})
     skipped, _ = call("evaluate", later, node, run_config, state, 60, os.getpid())
     assert not any(k.startswith("val/") for k in skipped["metrics"])
+
+
+def test_pseudo_labels_selected_after_the_reply_train_the_next_round_as_selecting_in_it_would(
+    cohort: Path, tmp_path: Path, stop_workers
+) -> None:
+    """ssl.select_after_reply: the round before a pseudo-labeling round leaves the selection (with
+    the model it received) to the worker after its reply; the pseudo-labeling round trains with
+    those labels and reports their metrics. With the same received model in both rounds, that
+    round's weights equal those of a site that selected inside the round (no worker)."""
+    from client.pseudo_labels import read_pseudo_labels
+
+    state, inline_state = tmp_path / "state", tmp_path / "inline"
+    stop_workers.append(state)
+    site = tmp_path / "site-a"  # the site with its molecular labels blanked: candidates to pseudo-label
+    shutil.copytree(cohort / "site-a", site)
+    rows = (site / "labels.csv").read_text().splitlines()
+    (site / "labels.csv").write_text("\n".join([rows[0]] + [",".join(r.split(",")[:1] + [""] * 4 + r.split(",")[5:])
+                                                           for r in rows[1:]]) + "\n")
+    overrides = ("ssl.enabled=true", "ssl.tau_c=0.5", "ssl.tau_u=1.0", "federation.site_validation=in_train",
+                 "federation.min_metric_cases=1")
+    instruction, node, run_config = _message(cohort, state, *overrides)
+    node = {**node, "data-path": str(site)}
+    round_1 = RecordDict({"arrays": instruction["arrays"], "config": ConfigRecord(
+        {"stage": "supervised", "global-round": 1, "select-after-reply": True})})
+    call("train", round_1, node, run_config, state, 60, os.getpid())
+    round_2 = RecordDict({"arrays": instruction["arrays"], "config": ConfigRecord(
+        {"stage": "supervised", "global-round": 2, "pseudo-label": True})})
+    worker_reply, _ = call("train", round_2, node, run_config, state, 60, os.getpid())  # waits for that work
+    stored = read_pseudo_labels(state)
+    assert stored is not None and stored[0].global_round == 1  # selected after round 1's reply
+    inline_node = {**node, "state-path": str(inline_state)}
+    inline_reply = train_content(round_2, inline_node, run_config)
+    assert worker_reply["metrics"]["pseudo_after_reply"] == 1.0 and "pseudo_after_reply" not in inline_reply["metrics"]
+    pseudo = {k for k in inline_reply["metrics"] if k.startswith("pseudo_") and k != "pseudo_seconds"}
+    assert inline_reply["metrics"]["pseudo_accepted"] > 0, dict(inline_reply["metrics"])  # (lenient thresholds: labels to compare)
+    assert {k: worker_reply["metrics"][k] for k in pseudo} == {k: inline_reply["metrics"][k] for k in pseudo}
+    a, b = _arrays(worker_reply), _arrays(inline_reply)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # a later round selects itself: what the worker left was for round 2 only
+    round_4 = RecordDict({"arrays": instruction["arrays"], "config": ConfigRecord(
+        {"stage": "supervised", "global-round": 4, "pseudo-label": True})})
+    later, _ = call("train", round_4, node, run_config, state, 60, os.getpid())
+    assert "pseudo_after_reply" not in later["metrics"] and "pseudo_accepted" in later["metrics"]
 
 
 def test_a_killed_worker_is_replaced_by_the_next_message(cohort: Path, tmp_path: Path, stop_workers) -> None:
