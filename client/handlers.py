@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from client.state import RoundTag, save_pending_validation, site_location, site_state_path, take_pending_validation
 from common.arrays import cast_floats
 from common.config import from_run_config
-from common.contract import VALIDATED_ROUND, VALIDATION_PREFIX
+from common.contract import VALIDATED_ROUND, VALIDATION_FAILED, VALIDATION_PREFIX
 
 
 #: how a handler hands work to the worker for after its reply (None: no worker, do it now)
@@ -115,10 +115,17 @@ def _validate_later(site: Any, cfg: Any, instruction: RecordDict) -> None:
     from common.wire import load_packed
 
     round_config = instruction["config"]
-    model = build_model(cfg.model, cfg.data.size)
-    load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
-    validation = site.validate_received(model, round_config)
-    save_pending_validation(site.state_dir, RoundTag(cfg.federation.run_name, int(validation[VALIDATED_ROUND])), validation)
+    received = int(round_config.get("global-round", 0)) - 1  # type: ignore[call-overload]
+    tag = RoundTag(cfg.federation.run_name, received)
+    try:
+        model = build_model(cfg.model, cfg.data.size)
+        load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
+        validation = site.validate_received(model, round_config)
+        save_pending_validation(site.state_dir, tag, validation)
+    except Exception:
+        # the next reply says so (the server names the site and model); the cause is in worker.log
+        save_pending_validation(site.state_dir, tag, {VALIDATION_FAILED: 1.0, VALIDATED_ROUND: float(received)})
+        raise
 
 
 def _select_later(site: Any, cfg: Any, instruction: RecordDict) -> None:

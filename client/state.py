@@ -98,14 +98,25 @@ def load_optimizer_state(folder: Path, tag: RoundTag) -> dict[str, Any] | None:
     return state if saved.precedes(tag) else None
 
 
-def save_pending_validation(folder: Path, model: RoundTag, metrics: Mapping[str, float]) -> None:
-    """Keep the site's validation metrics of the global model of ``model`` (scalars, NaN allowed)
-    for its next reply; replaces what an earlier round left."""
-    payload = json.dumps({**model.as_dict(), "metrics": {str(k): float(v) for k, v in metrics.items()}})
+#: A reply metric value: a float or a list of floats (e.g. the cal_* calibration statistics).
+MetricValue = float | list[float]
+
+
+def _metric_value(value: Any) -> MetricValue:
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return float(value)
+
+
+def save_pending_validation(folder: Path, model: RoundTag, metrics: Mapping[str, Any]) -> None:
+    """Keep the site's validation metrics of the global model of ``model`` (floats or lists of
+    floats, NaN allowed: aggregate values only) for its next reply; replaces what an earlier
+    round left."""
+    payload = json.dumps({**model.as_dict(), "metrics": {str(k): _metric_value(v) for k, v in metrics.items()}})
     atomic_write(Path(folder) / PENDING_VALIDATION_FILE, lambda tmp: tmp.write_text(payload))
 
 
-def take_pending_validation(folder: Path, model: RoundTag) -> dict[str, float] | None:
+def take_pending_validation(folder: Path, model: RoundTag) -> dict[str, MetricValue] | None:
     """The kept validation metrics of the global model of ``model``, removed from the folder; None
     when none is kept, or when what is kept is of another model or run (then it is removed too:
     it can never be sent). A damaged file raises ValueError naming it."""
@@ -115,7 +126,7 @@ def take_pending_validation(folder: Path, model: RoundTag) -> dict[str, float] |
     try:
         payload = json.loads(path.read_text())
         kept = RoundTag.from_dict(payload)
-        metrics = {str(k): float(v) for k, v in dict(payload["metrics"]).items()}
+        metrics = {str(k): _metric_value(v) for k, v in dict(payload["metrics"]).items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read the kept validation metrics {path} ({type(exc).__name__}: {exc}). "
                          "Delete the file; the model it belonged to is then recorded without this site's "

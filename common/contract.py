@@ -120,3 +120,6 @@ SURVIVAL_TERM = "survival"
 VALIDATION_PREFIX = "val/"
 #: In a site validation: the global round of the model it validated (tags it across replies)
 VALIDATED_ROUND = "global-round"
+#: In a site validation: 1 when the site could not validate that model (after its reply; the
+#: cause is in its worker.log)
+VALIDATION_FAILED = "validation_failed"

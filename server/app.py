@@ -98,6 +98,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
                 "stage": schedule.stage_name(global_round),
                 "rejected": round_log["rejected"],
                 "failures": round_log["failures"],
+                "validation_failures": round_log.get("validation_failures", {}),
                 "bounded": round_log["bounded"],
                 "skipped": round_log["skipped"],
                 "quorum": round_log["quorum"],
@@ -122,8 +123,16 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
             else:  # e.g. a site's kept validation from before a restart: that model is recorded already
                 log(WARNING, "validation of global model %d from %s arrived when no such model was waiting; "
                     "ignored", global_round, ", ".join(sorted(sites)))
-        for global_round in sorted(g for g in pending if g <= upto):
-            complete(**pending.pop(global_round))
+        flush(upto)
+
+    def flush(upto: int) -> None:
+        """Record the pending models, in order, up to the first one after ``upto`` that still
+        waits for validation (a model no site validates waits only for those before it)."""
+        for global_round in sorted(pending):
+            if global_round > upto and pending[global_round]["awaits"]:
+                break
+            entry = pending.pop(global_round)
+            complete(global_round, entry["arrays"], entry["round_log"], entry["sites"])
 
     strategy.on_validation = on_validation
 
@@ -132,12 +141,18 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         if server_round == 0 and offset > 0:
             return None  # round `offset` was scored before the restart
         round_log = strategy.pop_round()
-        if schedule.validated_in_train(global_round) and strategy.stop_reason is None:
-            # recorded when the next round's training replies bring the sites' validation
-            # a copy: with after_reply the model waits two rounds, while the strategy goes on from it
-            pending[global_round] = {"global_round": global_round, "arrays": copy.deepcopy(arrays),
-                                     "round_log": round_log, "sites": {}}
-            return None
+        awaits = schedule.validated_in_train(global_round) and strategy.stop_reason is None
+        if awaits or pending:
+            # recorded when later training replies bring the sites' validation, or, for a model the
+            # sites do not validate (validate_every), after the models before it (rounds in order).
+            # A copy: with after_reply a model waits two rounds while the strategy goes on from it.
+            pending[global_round] = {"arrays": copy.deepcopy(arrays), "round_log": round_log,
+                                     "sites": {} if awaits else round_log["sites"], "awaits": awaits}
+            if strategy.stop_reason is None:
+                flush(-1)
+                return None
+            flush(global_round)  # the run stops: record what there is, then say why
+            raise FederationError(strategy.stop_reason)
         metrics = complete(global_round, arrays, round_log, round_log["sites"])
         if strategy.stop_reason is not None:
             raise FederationError(strategy.stop_reason)  # after the round was recorded
@@ -153,8 +168,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
             else:
                 strategy.start(**run, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
         finally:
-            for global_round in sorted(pending):  # the run stopped before the sites validated these: keep them
-                complete(**pending.pop(global_round))
+            if pending:  # the run stopped before the sites validated these: keep them
+                flush(max(pending))
     elif budget_stop is not None:
         log(WARNING, "%s: the privacy budget is spent; nothing to train", folder.root)
     else:

@@ -40,7 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.contract import TASKS, VALIDATED_ROUND, VALIDATION_PREFIX
+from common.contract import TASKS, VALIDATED_ROUND, VALIDATION_FAILED, VALIDATION_PREFIX
 from common.wire import SURVIVAL_HEAD
 from server.errors import FederationError, NodeWaitTimeout
 from server.schedule import RoundSchedule
@@ -126,6 +126,7 @@ class FederationMixin:
         self.eval_metrics: dict[str, dict[str, Any]] = {}
         self.rejected: dict[str, str] = {}
         self.failures: dict[str, str] = {}
+        self.validation_failures: dict[str, int] = {}  # site -> the global model it could not validate
         self.bounded: dict[str, str] = {}  # updates clipped or weights capped, and why
         self.skipped: list[str] = []  # sites that had nothing to train on in this stage
         self.quorum_log: dict[str, Any] = {}
@@ -143,6 +144,8 @@ class FederationMixin:
             "sites": self.eval_metrics,
             "rejected": self.rejected,
             "failures": self.failures,
+            # sites whose replies said they could not validate a global model: {site: its round}
+            "validation_failures": self.validation_failures,
             "bounded": self.bounded,
             "skipped": self.skipped,
             "quorum": self.quorum_log,
@@ -313,6 +316,11 @@ class FederationMixin:
             if not isinstance(tag, (int, float)) or not float(tag).is_integer() or not 0 <= tag <= received:
                 log(WARNING, "site %s sent a validation of global model %r (this message sent model %d); ignored",
                     name, tag, received)
+                continue
+            if values.get(VALIDATION_FAILED):
+                self.validation_failures[name] = int(tag)
+                log(WARNING, "site %s could not validate global model %d (the cause is in its worker.log); that "
+                    "model is recorded without this site's validation", name, int(tag))
                 continue
             self.validation.setdefault(int(tag), {})[name] = record_to_dict(MetricRecord(values))
 

@@ -91,6 +91,19 @@ def test_two_rounds_write_metrics_checkpoints_report_and_resume(cohort: Path, tm
     assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["round"] == 3
 
 
+def test_validating_every_second_model_records_the_rounds_in_order(cohort: Path, tmp_path: Path) -> None:
+    """federation.validate_every=2 (after_reply: a model's validation is recorded two rounds
+    later): the model of round 1, which no site validates, waits for round 0's, so metrics.json
+    and the checkpoints stay in round order; models 0 and 2 carry their sites' validation."""
+    run_server(cohort, tmp_path / "runs", site_nodes(cohort, "site-a", "site-b"), "federation.min_nodes=2",
+               "federation.rounds=3", "federation.validate_every=2", "train.max_steps=1")
+    history = json.loads((tmp_path / "runs/tiny/metrics.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3]
+    assert {r["round"]: sorted(r["sites"]) for r in history["rounds"]} == {
+        0: ["site-a", "site-b"], 1: [], 2: ["site-a", "site-b"], 3: ["site-a", "site-b"]}
+    assert history["rounds"][1]["selection_score"] is None  # not validated: not a candidate for best.pt
+
+
 def test_a_site_without_usable_cases_is_reported_and_the_rest_train(cohort: Path, tmp_path: Path) -> None:
     empty = tmp_path / "site-empty"
     empty.mkdir()

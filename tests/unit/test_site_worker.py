@@ -158,6 +158,27 @@ def test_validation_after_the_reply_travels_with_the_next_reply(cohort: Path, tm
     assert not any(k.startswith("val/") for k in skipped["metrics"])
 
 
+def test_a_validation_that_fails_after_the_reply_is_reported_by_the_next_reply(tmp_path: Path) -> None:
+    """The reply is gone when the worker validates: a failure is kept as a marker, so the site's
+    next reply tells the server (which names the site and model); the traceback stays at the site."""
+    from client.handlers import _validate_later
+    from client.state import RoundTag, take_pending_validation
+
+    class BrokenSite:
+        state_dir = tmp_path
+
+        def validate_received(self, model, round_config):
+            raise RuntimeError("disk gone")
+
+    cfg = compose(["+experiment=tiny"])
+    instruction = RecordDict({"arrays": pack_state(build_model(cfg.model, cfg.data.size).state_dict()),
+                              "config": ConfigRecord({"global-round": 3, "validate": True})})
+    with pytest.raises(RuntimeError, match="disk gone"):
+        _validate_later(BrokenSite(), cfg, instruction)
+    assert take_pending_validation(tmp_path, RoundTag(cfg.federation.run_name, 2)) == {
+        "validation_failed": 1.0, "global-round": 2.0}
+
+
 def test_pseudo_labels_selected_after_the_reply_train_the_next_round_as_selecting_in_it_would(
     cohort: Path, tmp_path: Path, stop_workers
 ) -> None:

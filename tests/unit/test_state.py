@@ -44,3 +44,27 @@ def test_a_damaged_optimizer_state_is_an_error_naming_the_file(tmp_path: Path) -
     (tmp_path / OPTIMIZER_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="optimizer.pt.*Delete the file"):
         load_optimizer_state(tmp_path, RoundTag("run", 2))
+
+
+def test_a_kept_validation_goes_with_the_next_reply_of_the_same_model_only(tmp_path: Path) -> None:
+    """federation.site_validation=after_reply: what the worker keeps (floats, NaN and the cal_*
+    lists) comes back once, for the model it validated; kept metrics of another model or run are
+    removed, never sent; a damaged file is an error naming it."""
+    import math
+
+    from client.state import PENDING_VALIDATION_FILE, save_pending_validation, take_pending_validation
+
+    metrics = {"dice_wt": 0.8, "auc_idh": float("nan"), "cal_idh_logit": [0.5, -1.25], "global-round": 3.0}
+    save_pending_validation(tmp_path, RoundTag("demo", 3), metrics)
+    assert (tmp_path / PENDING_VALIDATION_FILE).stat().st_mode & 0o077 == 0
+    taken = take_pending_validation(tmp_path, RoundTag("demo", 3))
+    assert taken is not None and taken["dice_wt"] == 0.8 and math.isnan(taken["auc_idh"])
+    assert taken["cal_idh_logit"] == [0.5, -1.25]
+    assert take_pending_validation(tmp_path, RoundTag("demo", 3)) is None  # sent once
+    for other in (RoundTag("demo", 4), RoundTag("other-run", 3)):
+        save_pending_validation(tmp_path, RoundTag("demo", 3), metrics)
+        assert take_pending_validation(tmp_path, other) is None
+        assert not (tmp_path / PENDING_VALIDATION_FILE).exists()
+    (tmp_path / PENDING_VALIDATION_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=PENDING_VALIDATION_FILE):
+        take_pending_validation(tmp_path, RoundTag("demo", 3))

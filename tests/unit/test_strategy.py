@@ -214,3 +214,31 @@ def test_the_survival_head_is_averaged_over_the_sites_with_known_survival() -> N
     arrays, _ = strategy.aggregate_train(1, [survival_reply(1, "a", 1.0, 30, 0), survival_reply(2, "b", 3.0, 10, 10)])
     assert np.allclose(arrays["classifier"].numpy(), (30 + 30) / 40)
     assert np.allclose(arrays["classifier.heads.survival"].numpy(), 3.0)  # only site b knew survival
+
+
+def test_site_validations_are_filed_under_the_model_they_name_and_failures_are_named() -> None:
+    """federation.site_validation=after_reply: a reply's val/ metrics carry the round of the model
+    they validated; the strategy files them there, names a site that could not validate, ignores
+    a tag naming a model it has not sent yet, and asks for the models whose validations are in."""
+    strategy = make_strategy()
+    calls: list[tuple[dict, int]] = []
+    strategy.on_validation = lambda by_round, upto: calls.append((by_round, upto))
+    list(strategy.configure_train(3, global_arrays(), ConfigRecord({}), FakeGrid([1, 2, 3])))
+    replies = [
+        reply(1, "site-a", 1.0, 5, **{"val/global-round": 1.0, "val/dice_wt": 0.7}),  # after its reply
+        reply(2, "site-b", 1.0, 5, **{"val/global-round": 2.0, "val/dice_wt": 0.6}),  # before training
+        reply(3, "site-c", 1.0, 5, **{"val/global-round": 1.0, "val/validation_failed": 1.0}),
+    ]
+    strategy.aggregate_train(3, replies)
+    (by_round, upto), = calls
+    assert upto == 1  # round 3's replies complete model 1 (lag 2)
+    assert {g: {s: m["dice_wt"] for s, m in sites.items()} for g, sites in by_round.items()} == {
+        1: {"site-a": 0.7}, 2: {"site-b": 0.6}}
+    round_log = strategy.pop_round()
+    assert round_log["validation_failures"] == {"site-c": 1}
+    assert not any(k.startswith("val/") for m in round_log["train"].values() for k in m)  # not training metrics
+    # a validation of a model the server has not sent (round 3's own or later) is not filed
+    list(strategy.configure_train(4, global_arrays(), ConfigRecord({}), FakeGrid([1, 2])))
+    strategy.aggregate_train(4, [reply(1, "site-a", 1.0, 5, **{"val/global-round": 4.0, "val/dice_wt": 0.9}),
+                                 reply(2, "site-b", 1.0, 5)])
+    assert calls[-1] == ({}, 2)
