@@ -24,6 +24,15 @@ def cast_floats(record: ArrayRecord, dtype: str) -> ArrayRecord:
     return out
 
 
+def copy_arrays(record: ArrayRecord) -> ArrayRecord:
+    """An independent copy of ``record`` (``copy.deepcopy`` cannot copy arrays whose buffer is a
+    memoryview, as Flower's received messages hold)."""
+    out = ArrayRecord()
+    for key in record.keys():
+        out[key] = Array(np.array(record[key].numpy(), copy=True))
+    return out
+
+
 def nbytes(record: ArrayRecord) -> int:
     """The bytes of the arrays of ``record`` (what a message carries, apart from a small header)."""
     return int(sum(record[key].numpy().nbytes for key in record.keys()))

@@ -3,7 +3,6 @@ the held-out center, keep the run folder (metrics.json, checkpoints, report) up 
 
 from __future__ import annotations
 
-import copy
 
 import math
 import time
@@ -15,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from common.arrays import copy_arrays
 from common.config import ExperimentConfig, from_run_config, replace
 from common.evaluation.calibration import Calibration, fit_calibration
 from common.evaluation.metrics import selection_score
@@ -146,7 +146,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
             # recorded when later training replies bring the sites' validation, or, for a model the
             # sites do not validate (validate_every), after the models before it (rounds in order).
             # A copy: with after_reply a model waits two rounds while the strategy goes on from it.
-            pending[global_round] = {"arrays": copy.deepcopy(arrays), "round_log": round_log,
+            pending[global_round] = {"arrays": copy_arrays(arrays), "round_log": round_log,
                                      "sites": {} if awaits else round_log["sites"], "awaits": awaits}
             if strategy.stop_reason is None:
                 flush(-1)

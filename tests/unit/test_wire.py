@@ -57,3 +57,16 @@ def test_mismatched_model_is_refused_with_a_clear_error(model):
     del record[next(iter(record.keys()))]
     with pytest.raises(WireFormatError, match="no group"):
         unpack_state(record, state)
+
+
+def test_copy_arrays_is_independent_of_the_original() -> None:
+    """A pending global model is kept as a copy (server.app, site_validation=after_reply)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from common.arrays import copy_arrays
+
+    record = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)), "n": Array(np.array([7], np.int64))})
+    copied = copy_arrays(record)
+    record["w"] = Array(np.zeros((2, 3), np.float32))
+    assert copied["w"].numpy().tolist() == [[0, 1, 2], [3, 4, 5]] and copied["n"].numpy().dtype == np.int64
