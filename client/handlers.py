@@ -17,13 +17,15 @@ validation runs before training and the same reply carries it, as with ``in_trai
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from client.state import RoundTag, save_pending_validation, site_location, site_state_path, take_pending_validation
+from client.state import RoundTag, save_pending_validation, site_location, take_pending_validation
 from common.arrays import cast_floats
 from common.config import from_run_config
 from common.contract import VALIDATED_ROUND, VALIDATION_FAILED, VALIDATION_PREFIX
@@ -65,17 +67,18 @@ def train_content(instruction: RecordDict, node_config: Mapping[str, Any], run_c
              and bool(round_config.get("validate", False)))
     select_later = (defer is not None and cfg.ssl.enabled and cfg.ssl.select_after_reply
                     and bool(round_config.get("select-after-reply", False)))
-    kept = _kept_validation(node_config, cfg, site.name, received)
+    kept = _kept_validation(site.state_dir, cfg, received)
     metrics = site.train(model, round_config, defer_validation=later)  # type: ignore[arg-type]
     if kept and not any(k.startswith(VALIDATION_PREFIX) for k in metrics):
         metrics.update(kept)
     metrics.update(open_seconds=open_seconds, message_seconds=time.perf_counter() - started,
                    validation_after_reply=float(later))
     arrays = cast_floats(pack_state(model.state_dict()), cfg.federation.wire_dtype)
+    received_model = functools.cache(lambda: _received_model(cfg, instruction))  # built once for both jobs
     if later:
-        defer(lambda: _validate_later(site, cfg, instruction))  # type: ignore[misc]
+        defer(lambda: _validate_later(site, cfg, instruction, received_model))  # type: ignore[misc]
     if select_later:
-        defer(lambda: _select_later(site, cfg, instruction))  # type: ignore[misc]
+        defer(lambda: _select_later(site, cfg, instruction, received_model))  # type: ignore[misc]
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": site_record(site.name)})
 
 
@@ -94,33 +97,38 @@ def evaluate_content(content: RecordDict, node_config: Mapping[str, Any], run_co
     load_packed(model, content["arrays"])  # type: ignore[arg-type]
     site = SiteSession.open(node_config, cfg)
     config = content["config"] if "config" in content else ConfigRecord({})
-    kept = _kept_validation(node_config, cfg, site.name, int(config.get("global-round", 0)))  # type: ignore[union-attr, call-overload]
+    kept = _kept_validation(site.state_dir, cfg, int(config.get("global-round", 0)))  # type: ignore[union-attr, call-overload]
     metrics = {**site.evaluate(model), **kept}
     return RecordDict({"metrics": MetricRecord(metrics), "site": site_record(site.name)})
 
 
-def _kept_validation(node_config: Mapping[str, Any], cfg: Any, name: str, received: int) -> dict[str, float]:
+def _kept_validation(state_dir: Path, cfg: Any, received: int) -> dict[str, float]:
     """The site's kept validation of the model before the ``received`` one, as reply metrics
     (``val/`` keys), or nothing."""
     from client.session import prefixed_validation  # torch: only where a model is used anyway
 
-    validation = take_pending_validation(site_state_path(node_config, name), RoundTag(cfg.federation.run_name, received - 1))
+    validation = take_pending_validation(state_dir, RoundTag(cfg.federation.run_name, received - 1))
     return prefixed_validation(validation) if validation else {}
 
 
-def _validate_later(site: Any, cfg: Any, instruction: RecordDict) -> None:
-    """After the reply: the received model on the validation split, kept for the next reply."""
+def _received_model(cfg: Any, instruction: RecordDict) -> Any:
+    """The global model the training message brought (its own copy: training changed the other)."""
     # torch and the model code: already imported by train_content
     from common.model import build_model
     from common.wire import load_packed
 
+    model = build_model(cfg.model, cfg.data.size)
+    load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
+    return model
+
+
+def _validate_later(site: Any, cfg: Any, instruction: RecordDict, received_model: Callable[[], Any]) -> None:
+    """After the reply: the received model on the validation split, kept for the next reply."""
     round_config = instruction["config"]
     received = int(round_config.get("global-round", 0)) - 1  # type: ignore[call-overload]
     tag = RoundTag(cfg.federation.run_name, received)
     try:
-        model = build_model(cfg.model, cfg.data.size)
-        load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
-        validation = site.validate_received(model, round_config)
+        validation = site.validate_received(received_model(), round_config)
         save_pending_validation(site.state_dir, tag, validation)
     except Exception:
         # the next reply says so (the server names the site and model); the cause is in worker.log
@@ -128,18 +136,13 @@ def _validate_later(site: Any, cfg: Any, instruction: RecordDict) -> None:
         raise
 
 
-def _select_later(site: Any, cfg: Any, instruction: RecordDict) -> None:
+def _select_later(site: Any, cfg: Any, instruction: RecordDict, received_model: Callable[[], Any]) -> None:
     """After the reply: the next round's pseudo-labels, selected with the received model
     (``ssl.select_after_reply``); that round uses them and reports the selection's metrics."""
-    # torch and the model code: already imported by train_content
-    from client.pseudo_labels import predict_pseudo_labels, save_pseudo_labels
-    from common.model import build_model
-    from common.wire import load_packed
+    from client.pseudo_labels import predict_pseudo_labels, save_pseudo_labels  # torch: imported already
 
-    model = build_model(cfg.model, cfg.data.size)
-    load_packed(model, instruction["arrays"])  # type: ignore[arg-type]
     cases = site.stage_cases("supervised")
-    result = predict_pseudo_labels(model, cases, cfg, site.device, cache_dir=site.preprocessed)
+    result = predict_pseudo_labels(received_model(), cases, cfg, site.device, cache_dir=site.preprocessed)
     tag = RoundTag(cfg.federation.run_name, int(instruction["config"].get("global-round", 0)))  # type: ignore[union-attr, call-overload]
     save_pseudo_labels(site.state_dir, cases, result.labels, tag, selected_after_reply=result.metrics)
 

@@ -3,7 +3,6 @@ the held-out center, keep the run folder (metrics.json, checkpoints, report) up 
 
 from __future__ import annotations
 
-
 import math
 import time
 from logging import INFO, WARNING

@@ -174,7 +174,7 @@ def test_a_validation_that_fails_after_the_reply_is_reported_by_the_next_reply(t
     instruction = RecordDict({"arrays": pack_state(build_model(cfg.model, cfg.data.size).state_dict()),
                               "config": ConfigRecord({"global-round": 3, "validate": True})})
     with pytest.raises(RuntimeError, match="disk gone"):
-        _validate_later(BrokenSite(), cfg, instruction)
+        _validate_later(BrokenSite(), cfg, instruction, lambda: build_model(cfg.model, cfg.data.size))
     assert take_pending_validation(tmp_path, RoundTag(cfg.federation.run_name, 2)) == {
         "validation_failed": 1.0, "global-round": 2.0}
 
