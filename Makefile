@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
+# pytest-xdist workers of `make test`: more than the 2 cores, since the long integration tests mostly
+# wait on Flower (heartbeats, restarts; tests/conftest.py runs them first)
+TEST_WORKERS ?= 3
 
 .PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls bench-federation bench-post bench-privacy clean
 
@@ -19,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/fedglioma demo $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra $(ARGS)
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) $(ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit $(ARGS)

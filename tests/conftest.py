@@ -26,3 +26,11 @@ def site_dir(tmp_path: Path) -> Path:
 def _site_state_in_tmp(tmp_path_factory, monkeypatch) -> None:
     """Sites without a state-path keep their state under $XDG_CACHE_HOME: never the user's ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``long`` first (stable sort: the rest keep their order). Under ``make test``'s
+    ``pytest -n 3`` the workers then start them at once, and their minutes of waiting on Flower
+    (heartbeat lapses, restarts) overlap each other and the short tests, instead of ending the run
+    one after another."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

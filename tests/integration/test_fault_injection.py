@@ -174,6 +174,7 @@ def test_reap_stops_what_a_killed_process_left_in_a_session_of_its_own(
     assert fed.reap() == {}
 
 
+@pytest.mark.long
 def test_killed_supernode_round_goes_on_with_quorum_and_the_site_rejoins(
     cohort: Path, tmp_path: Path, federation_factory: Callable[..., LocalFederation]
 ) -> None:
@@ -259,6 +260,7 @@ def test_killed_supernode_round_goes_on_with_quorum_and_the_site_rejoins(
     assert not fed.leftover_processes()
 
 
+@pytest.mark.long
 def test_superlink_serverapp_and_a_supernode_killed_mid_run_resume_with_the_same_history(
     cohort: Path, tmp_path: Path, federation_factory: Callable[..., LocalFederation]
 ) -> None:

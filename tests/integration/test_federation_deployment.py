@@ -30,6 +30,7 @@ def cohort(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.long
 def test_two_rounds_over_tls_then_resume(cohort: Path, tmp_path: Path) -> None:
     from deploy.demo import run_demo
 

@@ -78,6 +78,7 @@ def flip(sent: np.ndarray, trained: np.ndarray) -> np.ndarray:
 TOLERANCE = 0.1
 
 
+@pytest.mark.long
 def test_a_scaled_or_sign_flipped_site_cannot_take_the_model_over(cohort: Path, tmp_path: Path) -> None:
     honest = run(cohort, tmp_path / "honest", InProcessGrid)
     scaled = run(cohort, tmp_path / "scaled", lambda n, c: HostileGrid(n, c, 3, scale))
