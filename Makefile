@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 # pytest-xdist workers of `make test`: more than the 2 cores, since the long integration tests mostly
 # wait on Flower (heartbeats, restarts; tests/conftest.py runs them first)
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls bench-federation bench-post bench-privacy clean
 

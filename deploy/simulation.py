@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +78,13 @@ def site_nodes(cohort: Path, names: Iterable[str], state_root: Path | None = Non
 
 
 def run_inprocess(
-    cfg: Any, nodes: Mapping[int, Mapping[str, str]], grid_class: type[InProcessGrid] = InProcessGrid
+    cfg: Any, nodes: Mapping[int, Mapping[str, str]],
+    grid_class: Callable[[Mapping[int, Mapping[str, str]], Any], InProcessGrid] = InProcessGrid,
 ) -> InProcessGrid:
     """Run the ServerApp for ``cfg`` (an :class:`common.config.ExperimentConfig` with absolute
     ``federation.heldout``/``out_dir``) against in-process sites; returns the grid (its replies).
-    ``grid_class``: an :class:`InProcessGrid` subclass, e.g. one that loses some replies (tests).
+    ``grid_class``: an :class:`InProcessGrid` subclass, or any ``(nodes, run_config) -> grid``, e.g.
+    one that loses or alters some replies (tests).
     The sites run in this process: no site worker (``federation.site_worker``), there is no
     per-message process whose imports it would save."""
     run_config = to_run_config(replace(cfg, federation={"site_worker": False}))

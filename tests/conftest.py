@@ -30,7 +30,7 @@ def _site_state_in_tmp(tmp_path_factory, monkeypatch) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``long`` first (stable sort: the rest keep their order). Under ``make test``'s
-    ``pytest -n 3`` the workers then start them at once, and their minutes of waiting on Flower
+    ``pytest -n 2`` the two workers then start them at once, and their minutes of waiting on Flower
     (heartbeat lapses, restarts) overlap each other and the short tests, instead of ending the run
     one after another."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord
 
-from common.config import compose, to_run_config
+from common.config import compose
 from deploy import simulation
 from deploy.simulation import InProcessGrid
-from server.app import app as server_app
 
 pytestmark = pytest.mark.integration
 
@@ -56,10 +54,7 @@ def run(cohort: Path, out: Path, grid_factory, *overrides: str) -> dict:
     cfg = compose(["+experiment=tiny", f"federation.heldout={cohort / 'heldout'}", f"federation.out_dir={out}",
                    "train.threads=1", "federation.rounds=3", "train.local_epochs=3", "federation.evaluate_sites=false",
                    "federation.min_nodes=3", *overrides])
-    run_config = to_run_config(cfg)
-    grid = grid_factory(simulation.site_nodes(cohort, ["site-a", "site-b", "site-c"]), run_config)
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    simulation.run_inprocess(cfg, simulation.site_nodes(cohort, ["site-a", "site-b", "site-c"]), grid_class=grid_factory)
     return json.loads((out / "tiny" / "metrics.json").read_text())
 
 
