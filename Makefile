@@ -4,8 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
-# pytest-xdist workers of `make test`: more than the 2 cores, since the long integration tests mostly
-# wait on Flower (heartbeats, restarts; tests/conftest.py runs them first)
+# pytest-xdist workers of `make test`: the long integration tests mostly wait on Flower (heartbeats,
+# restarts; tests/conftest.py runs them first), so they overlap (3 workers measured no faster on 2 cores)
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls bench-federation bench-post bench-privacy clean
