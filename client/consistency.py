@@ -18,6 +18,9 @@ segmentation classes, side N)::
   bottleneck features into two complementary halves (each scaled by 2), one per student stream.
   It is applied through a forward hook on ``model.encoder.feature_dropout`` (the module every
   :class:`common.model.MultiTaskGliomaNet` applies to its bottleneck), so the model is unchanged;
+* ``ssl.consistency_view=shared`` (the demo's CPU budget): no second student pass, no strong view,
+  no CutMix: the supervised pass on the loader's view is the student (Mean Teacher's set-up), the
+  teacher's targets come from the weak view of the same batch;
 * after every optimizer step the teacher follows the student: ``theta_t <- d theta_t + (1-d) theta_s``.
 
 The teacher stays at the site: :func:`save_teacher` / :func:`load_teacher` keep it on local disk
@@ -47,7 +50,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from client.state import RoundTag, read_state_file
-from common.config import ConfigError, SSLConfig
+from common.config import CONSISTENCY_VIEWS, ConfigError, SSLConfig
 from common.io import atomic_write
 from common.model import GliomaOutput
 
@@ -65,6 +68,14 @@ def check_consistency_config(ssl: SSLConfig) -> None:
         raise ConfigError(f"ssl.consistency_weight={ssl.consistency_weight} must be >= 0")
     if ssl.cutmix_alpha < 0.0:
         raise ConfigError(f"ssl.cutmix_alpha={ssl.cutmix_alpha} must be >= 0 (0 switches CutMix off)")
+    if ssl.consistency_view not in CONSISTENCY_VIEWS:
+        raise ConfigError(f"ssl.consistency_view={ssl.consistency_view!r} is not one of {', '.join(CONSISTENCY_VIEWS)}")
+    if ssl.consistency_view == "shared" and (ssl.cutmix_alpha > 0.0 or ssl.complementary_dropout):
+        raise ConfigError(
+            "ssl.consistency_view=shared reuses the supervised pass on the loader's view as the student, "
+            "so it has no strong view to mix or split: set ssl.cutmix_alpha=0 and "
+            "ssl.complementary_dropout=false with it, or ssl.consistency_view=strong"
+        )
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -355,6 +366,7 @@ class ConsistencyRegularizer:
         self.weight = ssl.consistency_weight
         self.cutmix_alpha = ssl.cutmix_alpha
         self.complementary = ssl.complementary_dropout
+        self.shared = ssl.consistency_view == "shared"
         self.weak = WeakAugment(seed=seed)
         self.strong = StrongAugment(seed=seed + 1)
         self.rng = np.random.default_rng(seed + 2)
@@ -373,9 +385,15 @@ class ConsistencyRegularizer:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted consistency loss of one batch and its detached terms
         (``consistency_seg``, ``consistency_cls``). ``output`` (the supervised pass on the
-        loader's view) is not used: the student is run again on the strong view."""
+        loader's view) is the student with ``ssl.consistency_view=shared``; with ``strong`` the
+        student is run again on the strong view."""
         image, available = _plain(batch["image"]).float(), batch["available"].bool()
         seg_target, cls_target = self.teacher_targets(image, available)
+        if self.shared:
+            # Mean Teacher (Tarvainen & Valpola 2017): the student's supervised pass on the loader's
+            # augmented view is also its consistency pass; the teacher sees its own noisy view
+            seg, cls = consistency_terms(output, seg_target, cls_target)
+            return self.weight * (seg + cls), {"consistency_seg": seg.detach(), "consistency_cls": cls.detach()}
         strong = self.strong(image, available)
         if self.cutmix_alpha > 0 and image.shape[0] > 1:
             boxes = draw_cutmix(image.shape[0], tuple(image.shape[2:]), self.cutmix_alpha, self.rng, image.device)

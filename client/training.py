@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sized
 
 import numpy as np
 import torch
@@ -80,7 +80,8 @@ def encoder_gradient_shares(model: nn.Module, weighted: Mapping[str, torch.Tenso
 
     ``weighted``: ``{term: weighted scalar loss}`` attached to the graph (``LossResult.weighted``).
     Returns ``{"grad_share_<term>": ||d term / d encoder||_2 / sum over terms}`` (terms absent from
-    the batch are 0). One extra backward pass per term: measured on one batch per local round.
+    the batch are 0). One extra backward pass per term: measured on one batch per local round
+    (the first epoch's last).
     """
     params = [p for p in model.encoder.parameters() if p.requires_grad]
     norms: dict[str, float] = {}
@@ -286,6 +287,10 @@ class LocalTrainer:
         counts: dict[str, int] = {}  # divisors other than the steps (a metric seen on some steps only)
         shares: dict[str, float] = {}
         steps = 0
+        # the gradient shares are probed on the first epoch's last batch: on the first, the
+        # classifier's zero-initialised output layers (model.classifier_head_init) pass no gradient
+        per_epoch = len(loader) if isinstance(loader, Sized) else 1
+        probe_step = max(min(per_epoch, self.cfg.train.max_steps or per_epoch) - 1, 0)
         start = time.perf_counter()
         for epoch in range(epochs):
             for batch in self._progress(loader, f"{desc} {epoch + 1}/{epochs}"):
@@ -308,7 +313,7 @@ class LocalTrainer:
                         break
                     continue
                 loss, terms, output, weighted = self._supervised_loss(batch, extra_loss, anchor, proximal_mu)
-                if steps == 0 and weighted and hasattr(model, "encoder"):
+                if steps == probe_step and weighted and hasattr(model, "encoder"):
                     shares = encoder_gradient_shares(model, weighted)
                 self._step(loss, optimizer, scaler, where)
                 if after_step is not None:

@@ -25,6 +25,12 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # that implement them (fusion, losses, task weighting, strategy) to check constructor arguments.
 FUSIONS: tuple[str, ...] = ("weighted", "experts")
 CLASSIFIER_POOLINGS: tuple[str, ...] = ("tumor", "global")
+#: ``ssl.consistency_view``: "strong" runs the student again on a strong view (CutMix, complementary
+#: streams); "shared" uses the supervised pass as the student (Mean Teacher's own set-up: one student
+#: pass per step feeds both losses), which halves the step's cost.
+CONSISTENCY_VIEWS: tuple[str, ...] = ("strong", "shared")
+#: How the classifier's output layers start (``model.classifier_head_init``).
+HEAD_INITS: tuple[str, ...] = ("zero", "random")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 CLS_LOSSES: tuple[str, ...] = ("weighted_ce", "balanced_softmax", "focal")
 TASK_WEIGHTINGS: tuple[str, ...] = ("uncertainty", "equal")
@@ -69,6 +75,12 @@ class ModelConfig:
     # "tumor": encoder features pooled inside the predicted tumor regions + segmentation
     # descriptors (volumes, fractions, location); "global": whole-volume GAP+GMP (ablation)
     classifier_pooling: str = "tumor"
+    # "zero": every output layer of the classifier (each head's last layer, the descriptor paths,
+    # the survival head's) starts at zero, so every case starts at logit 0 and the ranking is what
+    # training learned. "random": PyTorch's default init (the ablation): in a 6-round demo run the
+    # IDH descriptor path moved 0.07 from its random start (norm 0.88), so the start ranked the cases
+    # (held-out AUC 0.28, the same in three runs of the same seed)
+    classifier_head_init: str = "zero"
     # factor on the classification gradient into the shared encoder: at 1.0 the four heads sent
     # ~95% of the encoder's gradient in the first epoch (grad_share_* metrics); 0.1 measured better
     cls_encoder_grad: float = 0.1
@@ -162,6 +174,10 @@ class SSLConfig:
     pseudo_weight: float = 1.0
     cutmix_alpha: float = 1.0  # Beta(a, a) of the student's CutMix boxes; 0 = no CutMix
     complementary_dropout: bool = True  # two student streams with complementary feature masks
+    # "strong": the student runs again on a strong view (CutMix, complementary streams); "shared":
+    # the supervised pass is the student too (one pass per step; needs cutmix_alpha=0 and
+    # complementary_dropout=false)
+    consistency_view: str = "strong"
     # in the site's worker (federation.site_worker), a round that precedes a pseudo-labeling round
     # selects that round's pseudo-labels after its reply, with the model it received (one round
     # older than the next round's): the selection is off the round's critical path. Without a
@@ -341,6 +357,8 @@ def validate(cfg: ExperimentConfig) -> None:
     choices = {
         ("model", "fusion"): FUSIONS,
         ("model", "classifier_pooling"): CLASSIFIER_POOLINGS,
+        ("model", "classifier_head_init"): HEAD_INITS,
+        ("ssl", "consistency_view"): CONSISTENCY_VIEWS,
         ("train", "optimizer"): OPTIMIZERS,
         ("train", "cls_loss"): CLS_LOSSES,
         ("train", "task_weighting"): TASK_WEIGHTINGS,
@@ -377,6 +395,12 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"federation.trimmed_beta={cfg.federation.trimmed_beta} must be in [0, 0.5)")
     if cfg.federation.dp != "off":
         _validate_dp(cfg.federation)
+    if cfg.ssl.consistency_view == "shared" and (cfg.ssl.cutmix_alpha > 0.0 or cfg.ssl.complementary_dropout):
+        raise ConfigError(
+            "ssl.consistency_view=shared reuses the supervised pass on the loader's view as the student, "
+            "so it has no strong view to mix or split: set ssl.cutmix_alpha=0 and "
+            "ssl.complementary_dropout=false with it, or ssl.consistency_view=strong"
+        )
     if cfg.train.head_lr_scale <= 0:
         raise ConfigError(f"train.head_lr_scale={cfg.train.head_lr_scale} must be > 0 (1 = the encoder's learning rate)")
     if cfg.federation.secure_aggregation != "off":

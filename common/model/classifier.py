@@ -155,6 +155,29 @@ class _Heads(nn.Module):
         )
         self.survival = SurvivalHead(hidden, direct) if survival else None
 
+    def output_layers(self) -> list[nn.Linear]:
+        """The layers that write the logits and the log hazard ratio: each head's last layer, the
+        descriptor paths and the survival head's last layer and direct path."""
+        layers = [head[-1] for head in self.heads.values()]
+        if self.direct is not None:
+            layers += list(self.direct.values())
+        if self.survival is not None:
+            layers.append(self.survival.head[-1])
+            if self.survival.direct is not None:
+                layers.append(self.survival.direct)
+        return layers
+
+    def zero_outputs(self) -> None:
+        """Start every output layer at zero (``model.classifier_head_init=zero``): every case starts
+        at logit 0 and risk 0, so the cases' ranking is what training learns, not the random start.
+        The hidden layers stay random (they break the symmetry; their gradient starts flowing once
+        the output layers have moved, after the first step)."""
+        with torch.no_grad():
+            for layer in self.output_layers():
+                layer.weight.zero_()
+                if layer.bias is not None:
+                    layer.bias.zero_()
+
     def heads_forward(
         self, features: torch.Tensor, direct: torch.Tensor | None = None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:

@@ -34,7 +34,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.blocks.segresnet_block import ResBlock
 from torch import nn
 
-from common.config import CLASSIFIER_POOLINGS, FUSIONS, ModelConfig, choice_error
+from common.config import CLASSIFIER_POOLINGS, FUSIONS, HEAD_INITS, ModelConfig, choice_error
 from common.contract import PARAM_GROUPS, SEG_TERM, SEQUENCES, SURVIVAL_TERM, TASKS
 from common.model.classifier import CLASSIFIERS, scale_gradient
 from common.model.fusion import build_fusion
@@ -210,6 +210,7 @@ def _check_args(
     tasks: Sequence[str],
     classifier_pooling: str = "tumor",
     cls_encoder_grad: float = 1.0,
+    classifier_head_init: str = "zero",
 ) -> None:
     """Fail fast, naming the argument, its value and the fix."""
     if img_size < 2 * DOWNSAMPLING or img_size % DOWNSAMPLING:
@@ -234,6 +235,8 @@ def _check_args(
         raise choice_error("fusion (model.fusion)", fusion, FUSIONS)
     if classifier_pooling not in CLASSIFIER_POOLINGS:
         raise choice_error("classifier pooling (model.classifier_pooling)", classifier_pooling, CLASSIFIER_POOLINGS)
+    if classifier_head_init not in HEAD_INITS:
+        raise choice_error("classifier head init (model.classifier_head_init)", classifier_head_init, HEAD_INITS)
     if not 0.0 <= cls_encoder_grad <= 1.0:
         raise ValueError(f"cls_encoder_grad={cls_encoder_grad} must be in [0, 1] (model.cls_encoder_grad)")
     if not tasks or len(set(tasks)) != len(tasks):
@@ -273,6 +276,8 @@ class MultiTaskGliomaNet(nn.Module):
             the predicted segmentation) or "global" (whole-volume GAP+GMP, MTTU-Net).
         cls_encoder_grad: factor on the classification gradient that reaches the shared encoder
             (1 = unchanged, 0 = the encoder learns from segmentation only).
+        classifier_head_init: "zero" (the classifier's output layers start at zero: every case at
+            logit 0) or "random" (PyTorch's default init).
         num_seg_classes: segmentation classes K (background, NCR, ED, ET).
         tasks: classification tasks, one head each.
         survival: add a survival head (Cox log hazard ratio, ``classifier.survival``) and its
@@ -295,6 +300,7 @@ class MultiTaskGliomaNet(nn.Module):
         classifier_hidden: int = 64,
         classifier_pooling: str = "tumor",
         cls_encoder_grad: float = 1.0,
+        classifier_head_init: str = "zero",
         num_seg_classes: int = 4,
         tasks: Sequence[str] = TASKS,
         survival: bool = False,
@@ -319,6 +325,7 @@ class MultiTaskGliomaNet(nn.Module):
             tasks,
             classifier_pooling,
             cls_encoder_grad,
+            classifier_head_init,
         )
         self.img_size = img_size
         self.in_sequences = in_sequences
@@ -341,6 +348,8 @@ class MultiTaskGliomaNet(nn.Module):
         self.classifier = CLASSIFIERS[classifier_pooling](
             [widths[2], d_model], classifier_hidden, tasks, dropout, survival=survival
         )
+        if classifier_head_init == "zero":
+            self.classifier.zero_outputs()
         self.survival = survival
         self.task_weighting = UncertaintyWeighting((SEG_TERM, *tasks, *((SURVIVAL_TERM,) if survival else ())))
 
@@ -507,5 +516,6 @@ def build_model(cfg: ModelConfig, img_size: int, *, seed: int | None = None) -> 
         classifier_hidden=cfg.classifier_hidden,
         classifier_pooling=cfg.classifier_pooling,
         cls_encoder_grad=cfg.cls_encoder_grad,
+        classifier_head_init=cfg.classifier_head_init,
         survival=cfg.survival_head,
     )

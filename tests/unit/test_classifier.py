@@ -168,7 +168,8 @@ def test_training_can_read_the_reference_tumor_regions_instead_of_the_predicted(
     the cases that have one (a case without keeps the predicted ones); the segmentation is unchanged."""
     from common.model.network import classifier_regions
 
-    cfg = compose(["+experiment=tiny", "model.dropout=0", "model.feature_dropout=0"])
+    # random output layers: zero ones (the default) give logit 0 whatever regions they read
+    cfg = compose(["+experiment=tiny", "model.dropout=0", "model.feature_dropout=0", "model.classifier_head_init=random"])
     model = build_model(cfg.model, cfg.data.size, seed=0).eval()
     n = cfg.data.size
     image = torch.randn(2, 4, n, n, n)
@@ -186,3 +187,29 @@ def test_training_can_read_the_reference_tumor_regions_instead_of_the_predicted(
     for task in TASKS:  # the case with a reference reads other regions; the case without does not
         assert not torch.allclose(plain.cls_logits[task][0], taught.cls_logits[task][0])
         assert torch.equal(plain.cls_logits[task][1], taught.cls_logits[task][1])
+
+
+def test_the_heads_start_at_logit_zero_so_the_start_ranks_no_case() -> None:
+    """model.classifier_head_init=zero: every case starts at logit 0 and risk 0; the first step moves
+    the output layers; "random" (the ablation) starts with a ranking of its own."""
+    from client.training import LocalTrainer
+
+    image = torch.randn(3, 4, 32, 32, 32)
+    available, spacing = torch.ones(3, 4, dtype=torch.bool), torch.ones(3, 3)
+    for init in ("zero", "random"):
+        cfg = compose([f"model.classifier_head_init={init}", "train.threads=1"])
+        model = build_model(cfg.model, cfg.data.size, seed=0).eval()
+        with torch.no_grad():
+            out = model(image, available, spacing)
+        logits = torch.stack([out.cls_logits[t] for t in TASKS])
+        if init == "zero":
+            assert torch.equal(logits, torch.zeros_like(logits)) and torch.equal(out.risk, torch.zeros(3))
+        else:
+            assert logits.std() > 0.01 and out.risk.std() > 0.0
+    cfg = replace(compose(["train.threads=1"]), train={"progress": False, "amp": False})
+    model = build_model(cfg.model, cfg.data.size, seed=0)
+    labels = torch.tensor([[0, 1, 0, 1], [1, 0, 1, 0]])
+    batch = {"image": image[:2], "available": available[:2], "spacing": spacing[:2], "labels": labels,
+             "seg": torch.zeros(2, 1, 32, 32, 32, dtype=torch.long), "has_seg": torch.ones(2, dtype=torch.bool)}
+    LocalTrainer(model, cfg, torch.device("cpu"), labels.numpy()).run([batch], epochs=1)
+    assert all(layer.weight.abs().sum() > 0 for layer in model.classifier.output_layers()[:len(TASKS)])

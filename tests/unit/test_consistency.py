@@ -18,13 +18,14 @@ from client.consistency import (
     StrongAugment,
     WeakAugment,
     bottleneck_module,
+    consistency_terms,
     draw_cutmix,
     load_teacher,
     save_teacher,
 )
 from client.state import RoundTag
 from client.training import LocalTrainer
-from common.config import compose, replace
+from common.config import ConfigError, compose, replace
 from common.contract import TASKS, UNKNOWN_LABEL
 from common.model import build_model
 
@@ -178,8 +179,10 @@ def _batches(n: int) -> list[dict[str, torch.Tensor]]:
 
 
 def test_regularizer_adds_a_loss_and_the_teacher_follows_each_optimizer_step() -> None:
+    # random output layers: with the default zero start, teacher and student both say 0.5 for every
+    # task before the first step and the classification term is exactly 0
     cfg = compose(["model=tiny", "data=tiny", "train.progress=false", "ssl.consistency=true",
-                   "ssl.ema_decay=0.75", "train.threads=1"])
+                   "ssl.ema_decay=0.75", "train.threads=1", "model.classifier_head_init=random"])
     cfg = replace(cfg, data={"size": SIZE})
     model = build_model(cfg.model, SIZE)
     teacher = EMATeacher(model, cfg.ssl.ema_decay)
@@ -200,3 +203,44 @@ def test_regularizer_adds_a_loss_and_the_teacher_follows_each_optimizer_step() -
     assert changed > 0  # the step did move the student, so the check above is not trivial
     with pytest.raises(ValueError, match="stage='supervised' only"):
         trainer.run(_batches(1), stage="pretrain_imputer", extra_loss=regularizer)
+
+
+def test_shared_view_uses_the_supervised_pass_as_the_student_and_runs_the_model_once_per_step() -> None:
+    overrides = ["model=tiny", "data=tiny", "train.progress=false", "ssl.consistency=true", "train.threads=1",
+                 "ssl.cutmix_alpha=0", "ssl.complementary_dropout=false"]
+    calls = {}
+    for view in ("strong", "shared"):
+        cfg = replace(compose([*overrides, f"ssl.consistency_view={view}"]), data={"size": SIZE})
+        model = build_model(cfg.model, SIZE)
+        regularizer = ConsistencyRegularizer(EMATeacher(model, cfg.ssl.ema_decay), cfg.ssl, seed=0)
+        trainer = LocalTrainer(model, cfg, torch.device("cpu"), np.full((2, len(TASKS)), UNKNOWN_LABEL))
+        count = [0]
+        hook = model.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        result = trainer.run(_batches(2), extra_loss=regularizer, after_step=regularizer.after_step)
+        hook.remove()
+        calls[view] = count[0]
+        assert np.isfinite(result["loss_consistency_seg"]) and result["loss_consistency_seg"] > 0.0
+
+    # the grad-share probe runs on the first step only and does not call the model
+    assert calls == {"strong": 4, "shared": 2}
+
+    # the shared view's terms are exactly those of the output it is handed against the teacher
+    cfg = replace(compose([*overrides, "ssl.consistency_view=shared"]), data={"size": SIZE})
+    model = build_model(cfg.model, SIZE)
+    batch = _batches(1)[0]
+    output = model(batch["image"], batch["available"])
+    teacher = EMATeacher(model, cfg.ssl.ema_decay)
+    loss, terms = ConsistencyRegularizer(teacher, cfg.ssl, seed=5)(model, batch, output)
+    seg_target, cls_target = ConsistencyRegularizer(teacher, cfg.ssl, seed=5).teacher_targets(
+        batch["image"].float(), batch["available"])
+    seg, cls = consistency_terms(output, seg_target, cls_target)
+    torch.testing.assert_close(terms["consistency_seg"], seg.detach())
+    torch.testing.assert_close(loss, cfg.ssl.consistency_weight * (seg + cls))
+
+
+def test_shared_view_with_cutmix_or_two_streams_is_refused_with_the_fix() -> None:
+    for extra in (["ssl.complementary_dropout=false"], ["ssl.cutmix_alpha=0"]):
+        with pytest.raises(ConfigError, match="ssl.cutmix_alpha=0 and ssl.complementary_dropout=false"):
+            compose(["ssl.consistency_view=shared", *extra])
+    with pytest.raises(ConfigError, match="consistency_view"):
+        compose(["ssl.consistency_view=twice"])

@@ -234,7 +234,8 @@ def test_mc_passes_rerun_only_the_classifier_and_give_the_same_samples() -> None
     from common.evaluation.uncertainty import mc_dropout_predict, only_head_drops
     from common.model import build_model
 
-    cfg = compose(["+experiment=tiny"])
+    # random output layers: zero ones (the default) give logit 0 under any dropout mask
+    cfg = compose(["+experiment=tiny", "model.classifier_head_init=random"])
     model = build_model(cfg.model, 16, seed=0)
     assert only_head_drops(model)
     image = torch.randn(2, 4, 16, 16, 16)

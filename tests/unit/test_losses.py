@@ -31,7 +31,9 @@ def single_thread() -> Iterator[None]:
 @pytest.fixture
 def model() -> MultiTaskGliomaNet:
     torch.manual_seed(0)
-    return build_model(compose(["model=tiny"]).model, SIZE).train()
+    # random output layers: with the default zero start no classification gradient reaches the
+    # encoder before the first step, and these tests follow gradients through an untrained network
+    return build_model(compose(["model=tiny", "model.classifier_head_init=random"]).model, SIZE).train()
 
 
 def _batch(labels: list[list[int]], has_seg: list[bool], seed: int = 0) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Iterator
 
 import pytest
@@ -128,7 +129,8 @@ def test_parameter_names_follow_param_groups(model: MultiTaskGliomaNet) -> None:
 
 def test_mc_dropout_samples_differ_while_eval_is_deterministic(tiny_cfg: ModelConfig) -> None:
     torch.manual_seed(0)
-    net = build_model(tiny_cfg, SIZE).eval()
+    # random output layers: zero ones (the default) give logit 0 under any dropout mask
+    net = build_model(replace(tiny_cfg, classifier_head_init="random"), SIZE).eval()
     available = _mask((0, 1, 2, 3), (1,))
     image = _image(2, seed=4)
 
@@ -185,7 +187,8 @@ def test_survival_head_gives_one_risk_per_case_or_none(tiny_cfg: ModelConfig, su
 
 def test_every_parameter_group_gets_gradient(tiny_cfg: ModelConfig) -> None:
     torch.manual_seed(0)
-    net = build_model(tiny_cfg, SIZE).train()
+    # random output layers: zero ones (the default) pass no gradient behind them before a first step
+    net = build_model(replace(tiny_cfg, classifier_head_init="random"), SIZE).train()
     available = _mask((0, 1), (2, 3))
     out = net(_image(2, seed=5), available)
 
