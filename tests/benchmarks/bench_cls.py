@@ -20,8 +20,10 @@ held-out center 200 cases):
                        of 12 local steps instead of 6 of one epoch = 24 steps at 48 cases a site);
 * ``fed-tumor-fedavgm``, ``-fedadam``, ``-fedyogi`` ``fed-tumor`` with Flower's server-side
                        optimizers (FedAvgM, FedAdam, FedYogi) in place of FedAvg;
-* ``fed-tumor-headlr10`` ``fed-tumor`` with the classifier at 10x the learning rate
-                       (``train.head_lr_scale=10``);
+* ``fed-tumor-headlr1`` ``fed-tumor`` with the classifier at the encoder's learning rate
+                       (``train.head_lr_scale=1``; the default is 10);
+* ``fed-tumor-randinit`` ``fed-tumor`` with the classifier's output layers at a random start
+                       (``model.classifier_head_init=random``; the default is zero);
 * ``fed-tumor-refregions``, ``central-tumor-refregions`` the classifier trained on the reference
                        segmentation's tumor regions (``train.cls_reference_regions``), the predicted
                        ones at validation and on the held-out center.
@@ -54,9 +56,11 @@ from common.contract import ET, NCR, TASK_CLASSES, TASK_COLUMNS, TASKS, UNKNOWN_
 NETWORK_ARMS: dict[str, list[str]] = {
     "central-tumor": [],
     "fed-tumor": [],
-    # the classifier at 10x the learning rate: a FedAvg round moves the heads about as far as one
-    # site's local steps, a centralized epoch as far as all sites' steps together
-    "fed-tumor-headlr10": ["train.head_lr_scale=10"],
+    # the classifier at the encoder's learning rate (the default is 10x: a FedAvg round moves the
+    # heads about as far as one site's local steps, a centralized epoch as far as all sites' together)
+    "fed-tumor-headlr1": ["train.head_lr_scale=1"],
+    # the classifier's output layers at PyTorch's random init instead of zero
+    "fed-tumor-randinit": ["model.classifier_head_init=random"],
     "fed-global": ["model.classifier_pooling=global"],
     "fed-clsonly": ["model.classifier_pooling=global", "train.segmentation=false"],
     "fed-tumor-keepopt": ["train.keep_optimizer_state=true"],
