@@ -33,11 +33,12 @@ DP_SGD = ["train.dp_sgd=true", "train.dp_sgd_noise_multiplier=1.0", "train.dp_sg
 
 
 def update_norm(site_dir: Path, tmp_path: Path, privacy: SiteAccountant | None, *overrides: str) -> float:
-    """L2 norm of the weight change of one plain-SGD step (lr 1, no momentum history, no weight
-    decay) over every training case of the site (batch_size 8 > the site's 4 training cases, so
-    that a Poisson batch holds every case with probability 1)."""
+    """L2 norm of the weight change of one plain-SGD step (lr 1 for every parameter: the classifier
+    too, train.head_lr_scale=1; no momentum history, no weight decay) over every training case of
+    the site (batch_size 8 > the site's 4 training cases, so that a Poisson batch holds every case
+    with probability 1)."""
     cfg = compose([*TINY, "train.optimizer=sgd", "train.weight_decay=0", "train.lr=1.0", "train.max_steps=1",
-                   "train.grad_clip=0", "data.batch_size=8", *overrides])
+                   "train.grad_clip=0", "train.head_lr_scale=1", "data.batch_size=8", *overrides])
     session = SiteSession.open({"data-path": str(site_dir), "state-path": str(tmp_path / "state")}, cfg)
     model = build_model(cfg.model, cfg.data.size, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
