@@ -50,7 +50,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from client.state import RoundTag, read_state_file
-from common.config import CONSISTENCY_VIEWS, ConfigError, SSLConfig
+from common.config import ConfigError, SSLConfig, check_consistency_view
 from common.io import atomic_write
 from common.model import GliomaOutput
 
@@ -68,14 +68,7 @@ def check_consistency_config(ssl: SSLConfig) -> None:
         raise ConfigError(f"ssl.consistency_weight={ssl.consistency_weight} must be >= 0")
     if ssl.cutmix_alpha < 0.0:
         raise ConfigError(f"ssl.cutmix_alpha={ssl.cutmix_alpha} must be >= 0 (0 switches CutMix off)")
-    if ssl.consistency_view not in CONSISTENCY_VIEWS:
-        raise ConfigError(f"ssl.consistency_view={ssl.consistency_view!r} is not one of {', '.join(CONSISTENCY_VIEWS)}")
-    if ssl.consistency_view == "shared" and (ssl.cutmix_alpha > 0.0 or ssl.complementary_dropout):
-        raise ConfigError(
-            "ssl.consistency_view=shared reuses the supervised pass on the loader's view as the student, "
-            "so it has no strong view to mix or split: set ssl.cutmix_alpha=0 and "
-            "ssl.complementary_dropout=false with it, or ssl.consistency_view=strong"
-        )
+    check_consistency_view(ssl)
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:

@@ -352,6 +352,18 @@ def from_mapping(mapping: Mapping[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+def check_consistency_view(ssl: SSLConfig) -> None:
+    """``ssl.consistency_view`` is known, and ``shared`` comes without the strong view's options."""
+    if ssl.consistency_view not in CONSISTENCY_VIEWS:
+        raise ConfigError(f"ssl.consistency_view={ssl.consistency_view!r} is not one of {', '.join(CONSISTENCY_VIEWS)}")
+    if ssl.consistency_view == "shared" and (ssl.cutmix_alpha > 0.0 or ssl.complementary_dropout):
+        raise ConfigError(
+            "ssl.consistency_view=shared reuses the supervised pass on the loader's view as the student, "
+            "so it has no strong view to mix or split: set ssl.cutmix_alpha=0 and "
+            "ssl.complementary_dropout=false with it, or ssl.consistency_view=strong"
+        )
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Reject values that are of the right type but make no sense."""
     choices = {
@@ -395,12 +407,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"federation.trimmed_beta={cfg.federation.trimmed_beta} must be in [0, 0.5)")
     if cfg.federation.dp != "off":
         _validate_dp(cfg.federation)
-    if cfg.ssl.consistency_view == "shared" and (cfg.ssl.cutmix_alpha > 0.0 or cfg.ssl.complementary_dropout):
-        raise ConfigError(
-            "ssl.consistency_view=shared reuses the supervised pass on the loader's view as the student, "
-            "so it has no strong view to mix or split: set ssl.cutmix_alpha=0 and "
-            "ssl.complementary_dropout=false with it, or ssl.consistency_view=strong"
-        )
+    check_consistency_view(cfg.ssl)
     if cfg.train.head_lr_scale <= 0:
         raise ConfigError(f"train.head_lr_scale={cfg.train.head_lr_scale} must be > 0 (1 = the encoder's learning rate)")
     if cfg.federation.secure_aggregation != "off":
