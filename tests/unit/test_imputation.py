@@ -113,6 +113,29 @@ def test_mixed_batch_equals_cases_one_by_one(imputer: CrossSequenceImputer, fusi
     assert torch.isfinite(fused).all()
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_written_out_attention_equals_the_multihead_attention_module(heads: int) -> None:
+    """CrossSequenceImputer._attend folds the per-target query into the key projection and
+    projects the values after the weighted sum; for the missing targets it must give what
+    nn.MultiheadAttention (whose weights it uses) gives, values and gradients, for every
+    availability pattern."""
+    torch.manual_seed(1)
+    imputer = CrossSequenceImputer(channels=C, num_sequences=S, embed_dim=16, heads=heads)
+    n = len(PATTERNS) * 5
+    keys = torch.randn(n, S, 16, requires_grad=True)
+    available = torch.tensor(PATTERNS).repeat(5, 1)
+    query = imputer.query_norm(imputer.query).expand(n, -1, -1)
+    reference, _ = imputer.attention(query, keys, keys, key_padding_mask=~available, need_weights=False)
+    target = ~available
+    reference = reference[target]
+    ours = imputer._attend(keys, available, target)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    grad_ours = torch.autograd.grad(ours.square().sum(), [keys, imputer.attention.in_proj_weight])
+    grad_reference = torch.autograd.grad(reference.square().sum(), [keys, imputer.attention.in_proj_weight])
+    for a, b in zip(grad_ours, grad_reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_complete_batch_passes_through(imputer: CrossSequenceImputer) -> None:
     available = torch.ones(2, S, dtype=torch.bool)
     features = stem_features(available)
