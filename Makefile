@@ -8,7 +8,7 @@ ARGS   ?=
 # restarts; tests/conftest.py runs them first), so they overlap (3 workers measured no faster on 2 cores)
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls bench-federation bench-post bench-privacy clean
+.PHONY: install demo test test-unit test-integration bench bench-missing bench-ssl bench-cls bench-federation bench-post bench-privacy bench-imputer clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-federation: $(STAMP)
 
 bench-privacy: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_privacy.py $(ARGS)
+
+bench-imputer: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_imputer.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
