@@ -77,9 +77,13 @@ def _progress_printer(metrics_path: Path, total_rounds: int):
                     extra += f" consistency seg={_f(m['loss_consistency_seg'])} cls={_f(m.get('loss_consistency_cls'))}"
                 if "dp_sgd_epsilon" in m:  # train.dp_sgd: the site's epsilon for its training cases so far
                     extra += f" dp-sgd epsilon={_f(m['dp_sgd_epsilon'])} at delta={m.get('dp_sgd_delta', 0):g}"
+                if not m.get("num-examples"):  # sat the round out (named below for imputer pre-training)
+                    print(f"      {site}: no training this round", flush=True)
+                    continue
                 loss = m.get("loss", m.get("loss_impute"))  # imputer pre-training reports its own loss
-                print(f"      {site}: loss={_f(loss)} cases={_f(m.get('num-examples'))} "
-                      f"time={_f(m.get('seconds'))}s{extra}", flush=True)
+                seconds = _f(m.get("seconds"))
+                print(f"      {site}: loss={_f(loss)} cases={m['num-examples']:.0f} "
+                      f"time={seconds}{'' if seconds == 'n/a' else ' s'}{extra}", flush=True)
             if entry.get("stage") == "pretrain_imputer":
                 idle = [site for site, m in sorted(entry.get("train", {}).items()) if not m.get("num-examples")]
                 if idle:

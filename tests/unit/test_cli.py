@@ -32,3 +32,23 @@ def test_unknown_options_and_stray_words_are_still_errors(argv, bad, capsys) -> 
         parse_args_with_overrides(build_parser(), argv)
     assert exc.value.code == 2
     assert f"unrecognized arguments: {bad}" in capsys.readouterr().err
+
+
+def test_demo_progress_names_sites_that_sat_a_round_out(tmp_path, capsys) -> None:
+    import json  # only this test reads a metrics file
+
+    from deploy.demo import _progress_printer  # the launcher's module; the other tests need only the parser
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"rounds": [{
+        "round": 1, "stage": "pretrain_imputer", "heldout": {"dice_wt": 0.25},
+        "train": {"site-a": {"loss_impute": 1.5, "num-examples": 24.0, "seconds": 27.54},
+                  "site-b": {"num-examples": 0.0}},
+    }]}))
+    _progress_printer(metrics, 6)("RUNNING")
+    out = capsys.readouterr().out
+    assert "round 1/6 (pretrain_imputer) held-out: dice_wt=0.250" in out
+    assert "site-a: loss=1.500 cases=24 time=27.540 s" in out
+    assert "site-b: no training this round" in out
+    assert "(no complete case to pre-train the imputer on: site-b)" in out
+    assert "n/as" not in out
