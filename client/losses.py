@@ -107,6 +107,8 @@ class MultiTaskLoss(nn.Module):
         class_counts: (T, 2) per-task class counts of the training labels (balanced softmax).
         task_weighting: "uncertainty" (Kendall) or "equal".
         segmentation: False leaves the segmentation term out (classification-only training).
+        dice_batch: the Dice term over all cases of the batch together (per case, then averaged,
+            when False); the cross-entropy term is the same either way.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class MultiTaskLoss(nn.Module):
         class_counts: torch.Tensor | None = None,
         task_weighting: str = "uncertainty",
         segmentation: bool = True,
+        dice_batch: bool = False,
     ) -> None:
         super().__init__()
         self.train_segmentation = segmentation
@@ -152,7 +155,7 @@ class MultiTaskLoss(nn.Module):
         else:
             self.register_buffer("log_prior", torch.zeros(num_tasks, 2))
 
-        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=dice_batch)
         # MONAI's FocalLoss (softmax form, one-hot target) rather than a hand-written copy;
         # reduction "none" keeps the per-sample values that label weights and class weights need.
         self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=focal_gamma, reduction="none")

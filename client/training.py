@@ -137,6 +137,7 @@ class LocalTrainer:
             class_counts=torch.as_tensor(counts).float(),
             task_weighting=cfg.train.task_weighting,
             segmentation=cfg.train.segmentation,
+            dice_batch=cfg.train.seg_dice_batch,
         ).to(device)
         # DP-SGD's per-case gradients go to Opacus unscaled: no float16 autocast and GradScaler there
         self.use_amp = cfg.train.amp and device.type == "cuda" and not cfg.train.dp_sgd

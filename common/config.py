@@ -127,6 +127,10 @@ class TrainConfig:
     focal_gamma: float = 2.0
     task_weighting: str = "uncertainty"  # "uncertainty" (Kendall) or "equal"
     segmentation: bool = True  # false: classification only (the single-task ablation)
+    # Dice over the whole batch (nnU-Net's "batch Dice") instead of per case and averaged: per case,
+    # any enhancing-tumor voxel predicted in a case without one costs that case's whole ET Dice term,
+    # which can teach a small network never to predict ET (MONAI DiceCELoss(batch=...))
+    seg_dice_batch: bool = False
     # keep each site's AdamW state in its state folder between rounds instead of restarting it
     keep_optimizer_state: bool = False
     amp: bool = True  # only takes effect on CUDA

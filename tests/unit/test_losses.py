@@ -295,3 +295,24 @@ def test_cox_loss_decreases_and_learns_the_ranking_on_a_learnable_case() -> None
     assert losses[-1] < losses[0] - 0.2
     learned = concordance_index(head(x)[:, 0].detach().numpy(), survival.numpy())
     assert learned > 0.7 and learned == pytest.approx(concordance_index(x[:, 0].numpy(), survival.numpy()))
+
+
+def test_batch_dice_does_not_charge_a_whole_term_for_a_few_et_voxels_in_a_case_without_et() -> None:
+    """train.seg_dice_batch: per case, four false enhancing-tumor voxels in a case whose reference has
+    no ET cost that case's whole ET Dice term; over the batch they cost a few voxels' worth."""
+    seg = torch.zeros(2, 1, SIZE, SIZE, SIZE, dtype=torch.int64)
+    seg[:, :, 4:12, 4:12, 4:12] = 2  # edema in both cases
+    seg[0, :, 6:10, 6:10, 6:10] = 3  # enhancing tumor in case 0 only
+    predicted = seg.clone()
+    predicted[1, :, 7:9, 7:9, 7] = 3  # four false ET voxels in case 1
+    logits = F.one_hot(predicted[:, 0], 4).permute(0, 4, 1, 2, 3).float() * 60.0
+    has_seg = torch.tensor([True, True])
+    per_case = MultiTaskLoss(dice_batch=False).segmentation(logits, seg, has_seg)
+    batch = MultiTaskLoss(dice_batch=True).segmentation(logits, seg, has_seg)
+    exact = F.one_hot(seg[:, 0], 4).permute(0, 4, 1, 2, 3).float() * 60.0
+    assert MultiTaskLoss(dice_batch=False).segmentation(exact, seg, has_seg) < 1e-3
+    assert MultiTaskLoss(dice_batch=True).segmentation(exact, seg, has_seg) < 1e-3
+    # the cross-entropy term is the same in both; the Dice terms differ by the empty case's ET term:
+    # per case its Dice is 0 (loss 1 over 2 cases x 4 classes = 0.125), over the batch the ET Dice is
+    # 2*64/(64+68) (loss 0.030 over 4 classes = 0.008)
+    assert float(per_case - batch) == pytest.approx(0.125 - 0.0076, abs=0.003)
