@@ -128,8 +128,8 @@ class TrainConfig:
     task_weighting: str = "uncertainty"  # "uncertainty" (Kendall) or "equal"
     segmentation: bool = True  # false: classification only (the single-task ablation)
     # Dice over the whole batch (nnU-Net's "batch Dice") instead of per case and averaged: per case,
-    # any enhancing-tumor voxel predicted in a case without one costs that case's whole ET Dice term,
-    # which can teach a small network never to predict ET (MONAI DiceCELoss(batch=...))
+    # any enhancing-tumor probability in a case without ET (MONAI smooths by only 1e-5) costs most of
+    # that case's ET Dice term, which can teach a small network never to predict ET (README, demo)
     seg_dice_batch: bool = False
     # keep each site's AdamW state in its state folder between rounds instead of restarting it
     keep_optimizer_state: bool = False

@@ -68,6 +68,9 @@ def _progress_printer(metrics_path: Path, total_rounds: int):
                 flush=True,
             )
             for site, m in sorted(entry.get("train", {}).items()):
+                if not m.get("num-examples"):  # sat the round out (named below for imputer pre-training)
+                    print(f"      {site}: no training this round", flush=True)
+                    continue
                 extra = ""
                 if "imputation_gate" in m:  # how open the imputer's gate was on the sequences it generated
                     extra += f" imputed={m.get('imputed_sequences', 0):.0f} gate={_f(m['imputation_gate'])}"
@@ -77,9 +80,6 @@ def _progress_printer(metrics_path: Path, total_rounds: int):
                     extra += f" consistency seg={_f(m['loss_consistency_seg'])} cls={_f(m.get('loss_consistency_cls'))}"
                 if "dp_sgd_epsilon" in m:  # train.dp_sgd: the site's epsilon for its training cases so far
                     extra += f" dp-sgd epsilon={_f(m['dp_sgd_epsilon'])} at delta={m.get('dp_sgd_delta', 0):g}"
-                if not m.get("num-examples"):  # sat the round out (named below for imputer pre-training)
-                    print(f"      {site}: no training this round", flush=True)
-                    continue
                 loss = m.get("loss", m.get("loss_impute"))  # imputer pre-training reports its own loss
                 seconds = _f(m.get("seconds"))
                 print(f"      {site}: loss={_f(loss)} cases={m['num-examples']:.0f} "
