@@ -305,13 +305,16 @@ def test_batch_dice_does_not_charge_a_whole_term_for_a_few_et_voxels_in_a_case_w
     seg[0, :, 6:10, 6:10, 6:10] = 3  # enhancing tumor in case 0 only
     predicted = seg.clone()
     predicted[1, :, 7:9, 7:9, 7] = 3  # four false ET voxels in case 1
-    logits = F.one_hot(predicted[:, 0], 4).permute(0, 4, 1, 2, 3).float() * 60.0
     has_seg = torch.tensor([True, True])
-    per_case = MultiTaskLoss(dice_batch=False).segmentation(logits, seg, has_seg)
-    batch = MultiTaskLoss(dice_batch=True).segmentation(logits, seg, has_seg)
-    exact = F.one_hot(seg[:, 0], 4).permute(0, 4, 1, 2, 3).float() * 60.0
-    assert MultiTaskLoss(dice_batch=False).segmentation(exact, seg, has_seg) < 1e-3
-    assert MultiTaskLoss(dice_batch=True).segmentation(exact, seg, has_seg) < 1e-3
+    by_case, by_batch = MultiTaskLoss(dice_batch=False), MultiTaskLoss(dice_batch=True)
+
+    def confident(labels: torch.Tensor) -> torch.Tensor:  # logits of a certain prediction of labels
+        return F.one_hot(labels[:, 0], 4).permute(0, 4, 1, 2, 3).float() * 60.0
+
+    per_case = by_case.segmentation(confident(predicted), seg, has_seg)
+    batch = by_batch.segmentation(confident(predicted), seg, has_seg)
+    assert by_case.segmentation(confident(seg), seg, has_seg) < 1e-3
+    assert by_batch.segmentation(confident(seg), seg, has_seg) < 1e-3
     # the cross-entropy term is the same in both; the Dice terms differ by the empty case's ET term:
     # per case its Dice is 0 (loss 1 over 2 cases x 4 classes = 0.125), over the batch the ET Dice is
     # 2*64/(64+68) (loss 0.030 over 4 classes = 0.008)
