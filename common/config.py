@@ -520,6 +520,8 @@ def _validate_dp_sgd(cfg: ExperimentConfig) -> None:
                               "stage's CutMix mix cases together; DP-SGD covers supervised training only"),
         "imputation.pretrain_rounds=0": (cfg.imputation.pretrain_rounds > 0,
                                          "imputer pre-training has no DP-SGD form"),
+        "train.seg_dice_batch=false": (cfg.train.seg_dice_batch, "the batch Dice pools the voxels of all cases "
+                                       "of a batch, so one case's gradient depends on the others"),
     }
     found = {fix: why for fix, (bad, why) in conflicts.items() if bad}
     if found:

@@ -149,6 +149,7 @@ def test_a_damaged_accountant_file_is_an_error_naming_it(tmp_path: Path) -> None
         ("model.survival_head=true", "model.survival_head=false"),
         ("ssl.enabled=true", "ssl.enabled=false"),
         ("imputation.pretrain_rounds=1", "imputation.pretrain_rounds=0"),
+        ("train.seg_dice_batch=true", "train.seg_dice_batch=false"),
     ],
 )
 def test_config_rejects_what_dp_sgd_cannot_cover(override: str, message: str) -> None:
