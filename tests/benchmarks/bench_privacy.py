@@ -232,7 +232,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
         settings.append(f"DP-SGD rows: `train.dp_sgd=true train.dp_sgd_max_grad_norm={args.dpsgd_norm:g}` and the "
                         "row's `train.dp_sgd_noise_multiplier`, `dp_sgd_delta=1e-5`, Poisson batches (q = batch 2 / "
                         "a site's training cases), Opacus RDP accountant; every row without the survival head "
-                        "(`model.survival_head=false`), which DP-SGD cannot train.")
+                        "(`model.survival_head=false`), which DP-SGD cannot train, and with the per-case Dice "
+                        "(`train.seg_dice_batch=false`).")
     if secure:
         settings.append(f"SecAgg+ row: `federation.secure_aggregation=secaggplus`, 3 shares, reconstruction threshold "
                         f"{args.secagg_threshold}, Flower's clipping range 8 and max weight 1000, 2^26 quantization "
@@ -328,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                       ["federation.dp=adaptive", f"federation.dp_noise_multiplier={args.adaptive}", norm]))
     if "dpsgd" in args.rows:
         plans += [(f"DP-SGD, z={z:g}", ["train.dp_sgd=true", f"train.dp_sgd_noise_multiplier={z}",
-                                        f"train.dp_sgd_max_grad_norm={args.dpsgd_norm}"])
+                                        f"train.dp_sgd_max_grad_norm={args.dpsgd_norm}",
+                                        "train.seg_dice_batch=false"])
                   for z in args.dpsgd_multipliers]
     if "secaggplus" in args.rows:
         plans.append((f"SecAgg+, threshold {args.secagg_threshold}",

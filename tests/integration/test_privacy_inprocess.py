@@ -85,7 +85,7 @@ def test_dp_sgd_epsilon_of_each_site_reaches_metrics_json_and_the_report(cohort:
 
     # Execute
     history = run(cohort, tmp_path / "runs", "federation.rounds=2", "federation.evaluate_sites=false",
-                  "train.dp_sgd=true", "model.survival_head=false", nodes=nodes, dp=("federation.min_nodes=2",))
+                  "train.dp_sgd=true", "model.survival_head=false", "train.seg_dice_batch=false", nodes=nodes, dp=("federation.min_nodes=2",))
 
     # Assert: every site's epsilon grew from round 1 to round 2 (the accountant went on across messages)
     rounds = {r["round"]: r["train"] for r in history["rounds"] if r["round"] > 0}
@@ -104,7 +104,7 @@ def test_a_site_past_its_dp_sgd_budget_refuses_with_a_reason_the_server_shows(co
     # Execute / Assert: no site trains; the server stops naming each site's reason
     with pytest.raises(Exception, match="no site returned a usable update") as stopped:
         run(cohort, tmp_path / "runs", "federation.rounds=1", "federation.evaluate_sites=false", "train.dp_sgd=true",
-            "model.survival_head=false", "train.dp_sgd_epsilon_budget=0.1", nodes=nodes, dp=("federation.min_nodes=2",))
+            "model.survival_head=false", "train.seg_dice_batch=false", "train.dp_sgd_epsilon_budget=0.1", nodes=nodes, dp=("federation.min_nodes=2",))
     for site in ("site-a", "site-b"):
         assert f"site {site}: PrivacyBudgetError: DP-SGD budget reached" in str(stopped.value)
     assert "train.dp_sgd_epsilon_budget=0.1" in str(stopped.value)

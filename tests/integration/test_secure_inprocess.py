@@ -169,7 +169,8 @@ def test_below_the_reconstruction_threshold_the_run_stops_with_a_clear_error(coh
 
 def test_dp_sgd_at_the_sites_composes_with_the_secure_sum(cohort: Path, tmp_path: Path) -> None:
     """The README's pairing: DP-SGD noise on each site's cases, SecAgg+ hiding each noised update."""
-    run_inprocess(config(cohort, tmp_path, *SECURE, "train.dp_sgd=true", "model.survival_head=false"),
+    run_inprocess(config(cohort, tmp_path, *SECURE, "train.dp_sgd=true", "model.survival_head=false",
+                         "train.seg_dice_batch=false"),
                   site_nodes(cohort, SITES))
     history = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     last = history["rounds"][-1]

@@ -29,7 +29,8 @@ from common.runtime import configure_runtime
 
 TINY = ["+experiment=tiny", "train.threads=1", "data.size=16", "model.survival_head=false",
         "federation.min_metric_cases=1"]
-DP_SGD = ["train.dp_sgd=true", "train.dp_sgd_noise_multiplier=1.0", "train.dp_sgd_max_grad_norm=1.0"]
+DP_SGD = ["train.dp_sgd=true", "train.dp_sgd_noise_multiplier=1.0", "train.dp_sgd_max_grad_norm=1.0",
+          "train.seg_dice_batch=false"]
 
 
 def update_norm(site_dir: Path, tmp_path: Path, privacy: SiteAccountant | None, *overrides: str) -> float:
