@@ -71,9 +71,9 @@ NETWORK_ARMS: dict[str, list[str]] = {
     "fed-tumor-fedavgm": ["federation.strategy=fedavgm"],
     "fed-tumor-fedadam": ["federation.strategy=fedadam"],
     "fed-tumor-fedyogi": ["federation.strategy=fedyogi"],
-    # the segmentation's Dice over the batch (nnU-Net's batch Dice) instead of per case: a case without
-    # enhancing tumor no longer loses its whole ET term to a few false voxels (README, make demo)
-    "fed-tumor-batchdice": ["train.seg_dice_batch=true"],
+    # the segmentation's Dice per case, the default until a863aac (today's default is the batch Dice:
+    # a case without enhancing tumor no longer loses its whole ET term to a few false voxels; README)
+    "fed-tumor-casedice": ["train.seg_dice_batch=false"],
     # the heads trained on the reference segmentation's tumor regions (predicted ones at validation)
     "fed-tumor-refregions": ["train.cls_reference_regions=true"],
     "central-tumor-refregions": ["train.cls_reference_regions=true"],
