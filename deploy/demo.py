@@ -176,7 +176,7 @@ def run_demo(
               f"logs in {workdir / 'logs'}", flush=True)
         run_id = federation.run(PROJECT_ROOT, to_run_config(cfg))
         print(f"run {run_id} started; the first round includes model set-up", flush=True)
-        status = federation.wait(run_id, timeout, poll_s=10.0, on_poll=_progress_printer(run_dir / "metrics.json", cfg.federation.rounds))
+        status = federation.wait(run_id, timeout, poll_s=2.0, on_poll=_progress_printer(run_dir / "metrics.json", cfg.federation.rounds))
         if status != "finished:completed":
             print(federation.logs(run_id)[-4000:], file=sys.stderr)
             raise SystemExit(f"the federated run ended as {status!r}; see the logs above and in {workdir / 'logs'}")

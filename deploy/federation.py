@@ -42,6 +42,7 @@ import base64
 import ctypes
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -96,6 +97,10 @@ GRID_POLL_S = 3.0
 #: a SuperNode is online until 2 x its 30-s heartbeat interval after its last heartbeat
 #: (HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL); a killed one stays "online" that long
 HEARTBEAT_PATIENCE_S = 60.0
+#: while a ServerApp process runs, :meth:`LocalFederation.wait` asks the SuperLink for the run's
+#: status (a ``flwr ls`` process: ~2 s of a core) only this often; a run finishes when its
+#: ServerApp exits, which /proc shows at each (cheap) poll
+STATUS_REFRESH_S = 60.0
 #: what ``flower-supernode`` logs once the SuperLink activated it (supernode/start_client_internal.py)
 NODE_ACTIVATED = "SuperNode ID: "
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -218,6 +223,16 @@ def tagged_processes(name: str, *values: str) -> dict[int, int]:
             if stat is not None and stat[0] != "Z":
                 found[int(entry.name)] = stat[2]
     return found
+
+
+def _command_line(pid: int) -> list[str]:
+    """The program names of ``pid``'s command line (argv[0] is the interpreter for console
+    scripts, so callers look at the first two); empty when it is gone or another user's."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+    return [Path(os.fsdecode(arg)).name for arg in argv if arg]
 
 
 def _alive(pid: int, start_time: int) -> bool:
@@ -790,15 +805,18 @@ class LocalFederation:
                     raise FederationError(
                         f"the SuperNode of {site!r} exited with code {proc.returncode} (log {proc.log_path}):\n{proc.log_tail()}"
                     )
-            nodes = self.nodes()
+            activated = {n for n, site in wanted.items() if self._activated(site)}
+            # the SuperLink is asked (a `flwr` process, ~2 s of a core) once every SuperNode this
+            # launcher runs has logged its activation; until then its answer cannot be "all ready"
+            nodes = self.nodes() if activated == set(wanted) else []
             online = {n["node-id"] for n in nodes if n.get("status") == "online"}
-            ready = {n for n in online & set(wanted) if self._activated(wanted[n])}
+            ready = online & activated
             if set(wanted) <= ready:
                 return nodes
             if time.monotonic() > deadline:
                 offline = sorted(wanted[n] for n in set(wanted) - ready)
                 raise FederationError(f"SuperNode(s) {offline} not online after {timeout_s:.0f} s; see {self.log_dir}")
-            time.sleep(1.0)
+            time.sleep(0.5)
 
     def _activated(self, site: str) -> bool:
         """Whether the SuperNode this launcher runs for ``site`` logged that the SuperLink activated
@@ -864,6 +882,7 @@ class LocalFederation:
         :class:`FederationError` when the SuperLink process dies meanwhile. What a SuperNode that
         died meanwhile left running is stopped at each poll (:meth:`reap`)."""
         deadline = time.monotonic() + timeout_s
+        asked_at = -math.inf
         while True:
             self.reap()
             if self.superlink is not None and self.superlink.returncode is not None:
@@ -871,7 +890,12 @@ class LocalFederation:
                     f"the SuperLink exited with code {self.superlink.returncode} during run {run_id}:\n"
                     f"{self.superlink.log_tail()}"
                 )
-            status = self.status(run_id)
+            # Each `flwr ls` is a process of its own (Python, Flower, a TLS connection: ~2 s of a
+            # core, taken from the sites' training when they share the machine). A run can only
+            # finish when its ServerApp process exits, so while one runs the status is refreshed
+            # only every STATUS_REFRESH_S; before it starts and once it is gone, at every poll.
+            if not self.serverapp_pids() or time.monotonic() - asked_at >= STATUS_REFRESH_S:
+                status, asked_at = self.status(run_id), time.monotonic()
             if on_poll is not None:
                 on_poll(status)
             if status.startswith("finished"):
@@ -882,6 +906,12 @@ class LocalFederation:
                     f"`FLWR_HOME={self.flwr_home} flwr stop {run_id} {self.connection}` and see {self.log_dir}"
                 )
             time.sleep(poll_s)
+
+    def serverapp_pids(self) -> list[int]:
+        """Live ``flwr-serverapp`` processes of the SuperLink (Linux /proc; empty elsewhere)."""
+        if self.superlink is None:
+            return []
+        return [pid for pid in self.superlink.members() if "flwr-serverapp" in _command_line(pid)[:2]]
 
     def logs(self, run_id: int) -> str:
         """The run's ServerApp log (``flwr log RUN_ID CONNECTION --show``), colour codes removed."""
