@@ -101,6 +101,8 @@ HEARTBEAT_PATIENCE_S = 60.0
 #: status (a ``flwr ls`` process: ~2 s of a core) only this often; a run finishes when its
 #: ServerApp exits, which /proc shows at each (cheap) poll
 STATUS_REFRESH_S = 60.0
+#: seconds between looks at a dead SuperNode's node, which stays online up to HEARTBEAT_PATIENCE_S
+RELEASE_POLL_S = 4.0
 #: what ``flower-supernode`` logs once the SuperLink activated it (supernode/start_client_internal.py)
 NODE_ACTIVATED = "SuperNode ID: "
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -776,7 +778,9 @@ class LocalFederation:
                     f"launcher stopped: another SuperNode uses its key; stop that one, or unregister the key "
                     f"(`flwr supernode unregister {node_id} {self.connection}` with FLWR_HOME={self.flwr_home})"
                 )
-            time.sleep(1.0)
+            # each look is a `flwr` process (~2 s of a core) and the wait is up to a minute: a few
+            # looks, each at most RELEASE_POLL_S late
+            time.sleep(RELEASE_POLL_S)
         waited = time.monotonic() - start
         if waited > 0.5:
             time.sleep(GRID_POLL_S + 1.0)
