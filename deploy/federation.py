@@ -227,14 +227,20 @@ def tagged_processes(name: str, *values: str) -> dict[int, int]:
     return found
 
 
-def _command_line(pid: int) -> list[str]:
-    """The program names of ``pid``'s command line (argv[0] is the interpreter for console
-    scripts, so callers look at the first two); empty when it is gone or another user's."""
+def command_line(pid: int) -> list[str]:
+    """The arguments of ``pid``'s command line (Linux /proc); empty when it is gone or another
+    user's. argv[0] is the interpreter for console scripts, so a program's name is one of the
+    first two (see :func:`runs_program`)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return []
-    return [Path(os.fsdecode(arg)).name for arg in argv if arg]
+    return [os.fsdecode(arg) for arg in argv if arg]
+
+
+def runs_program(argv: list[str], *names: str) -> bool:
+    """Whether the command line ``argv`` (:func:`command_line`) runs one of the programs ``names``."""
+    return any(Path(arg).name in names for arg in argv[:2])
 
 
 def _alive(pid: int, start_time: int) -> bool:
@@ -915,7 +921,7 @@ class LocalFederation:
         """Live ``flwr-serverapp`` processes of the SuperLink (Linux /proc; empty elsewhere)."""
         if self.superlink is None:
             return []
-        return [pid for pid in self.superlink.members() if "flwr-serverapp" in _command_line(pid)[:2]]
+        return [pid for pid in self.superlink.members() if runs_program(command_line(pid), "flwr-serverapp")]
 
     def logs(self, run_id: int) -> str:
         """The run's ServerApp log (``flwr log RUN_ID CONNECTION --show``), colour codes removed."""

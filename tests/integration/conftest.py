@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from deploy.certs import Credentials
-from deploy.federation import LocalFederation, descendant_processes, proc_stat
+from deploy.federation import LocalFederation, command_line, descendant_processes, proc_stat, runs_program
 
 #: executables of Flower's deployment engine (SuperLink/SuperNode, their SuperExec, the apps) and the proxy
 FLOWER_PROCESS_NAMES = (
@@ -25,13 +25,9 @@ def flower_processes(pids: dict[int, int] | list[int]) -> dict[int, str]:
     found: dict[int, str] = {}
     for pid in pids:
         stat = proc_stat(pid)
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        # argv[0] is the interpreter for console scripts, so look at the first two words
-        if stat is not None and stat[0] != "Z" and any(Path(w).name in FLOWER_PROCESS_NAMES for w in cmdline.split()[:2]):
-            found[pid] = cmdline.strip()
+        argv = command_line(pid)
+        if stat is not None and stat[0] != "Z" and runs_program(argv, *FLOWER_PROCESS_NAMES):
+            found[pid] = " ".join(argv)
     return found
 
 

@@ -59,7 +59,7 @@ def test_serverapp_pids_finds_the_superlinks_serverapp_by_its_program_name(fed: 
     while not (found := fed.serverapp_pids()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(found) == 1 and found[0] != fed.superlink.popen.pid
-    assert launcher._command_line(found[0])[0] == "flwr-serverapp"
-    assert launcher._command_line(fed.superlink.popen.pid)[0] == "bash"
-    assert launcher._command_line(2**22 + 1) == []  # no such process
+    assert launcher.command_line(found[0])[0] == "flwr-serverapp"
+    assert launcher.command_line(fed.superlink.popen.pid)[0] == "bash"
+    assert launcher.command_line(2**22 + 1) == []  # no such process
     assert sys.platform != "linux" or fed.superlink.members()
