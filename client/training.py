@@ -234,7 +234,9 @@ class LocalTrainer:
         model = self.model
         with torch.autocast(self.device.type, enabled=self.use_amp):
             reference = (batch["seg"], batch["has_seg"]) if self.cfg.train.cls_reference_regions and "seg" in batch else None
-            output = model(batch["image"], batch["available"], batch.get("spacing"), reference=reference)
+            crop_reference = (batch["seg"], batch["has_seg"]) if "seg" in batch else None  # used by model.tumor_crop_size
+            output = model(batch["image"], batch["available"], batch.get("spacing"), reference=reference,
+                           crop_reference=crop_reference)
             result = self.loss_fn(output, batch, model.task_weighting)
             extra = extra_loss(model, batch, output) if extra_loss is not None else None
         loss = result.total.float()

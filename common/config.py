@@ -86,6 +86,11 @@ class ModelConfig:
     cls_encoder_grad: float = 0.1
     # a survival head (Cox log hazard ratio, classifier.survival) trained on labels.csv's survival_days/event
     survival_head: bool = True
+    # GMMAS's tumor-protect crop (common.model.tumor_crop): 0 = off; G < data.size = the network works
+    # on G^3, first on the whole brain, then on a cube around its tumor cut from the data.size^3 grid
+    # (up to data.size/G times finer), which the classifier reads
+    tumor_crop_size: int = 0
+    tumor_crop_margin: float = 0.25  # the cube's margin around the tumor box, a fraction of its extent
 
 
 @dataclass(frozen=True)
@@ -393,6 +398,15 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{sname}.{key}={value!r} is not one of {allowed}{suggest(value, list(allowed))}")
     if cfg.data.size % 8:
         raise ConfigError(f"data.size={cfg.data.size} must be a multiple of 8 (the encoder downsamples 3 times)")
+    if cfg.model.tumor_crop_size and (cfg.model.tumor_crop_size % 8 or cfg.model.tumor_crop_size < 16
+                                      or cfg.model.tumor_crop_size >= cfg.data.size):
+        raise ConfigError(
+            f"model.tumor_crop_size={cfg.model.tumor_crop_size} must be 0 (no crop) or a multiple of 8, at least 16 and "
+            f"below data.size={cfg.data.size} (the fine grid the crop is cut from): e.g. data.size=64 "
+            "model.tumor_crop_size=32"
+        )
+    if not 0.0 <= cfg.model.tumor_crop_margin <= 2.0:
+        raise ConfigError(f"model.tumor_crop_margin={cfg.model.tumor_crop_margin} must be in [0, 2] (a fraction of the tumor's extent)")
     if cfg.model.d_model % cfg.model.heads:
         raise ConfigError(f"model.d_model={cfg.model.d_model} must be divisible by model.heads={cfg.model.heads}")
     if not cfg.federation.site_worker_idle_s > 0:

@@ -56,7 +56,9 @@ def region_probabilities(seg_logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([wt, tc, p[:, ET]], dim=1)
 
 
-def tumor_descriptors(regions: torch.Tensor, brain: torch.Tensor | None, spacing: torch.Tensor | None) -> torch.Tensor:
+def tumor_descriptors(
+    regions: torch.Tensor, brain: torch.Tensor | None, spacing: torch.Tensor | None, frame: torch.Tensor | None = None
+) -> torch.Tensor:
     """Descriptors of the predicted segmentation (B, len(DESCRIPTORS)), see :data:`DESCRIPTORS`.
 
     Args:
@@ -64,6 +66,9 @@ def tumor_descriptors(regions: torch.Tensor, brain: torch.Tensor | None, spacing
         brain: (B, N, N, N) bool brain mask (where any input channel is non-zero: the data layer
             z-scores brain voxels only and zero-pads the rest), or None for the whole grid.
         spacing: (B, 3) voxel size in mm of the network grid, or None for 1 mm.
+        frame: (B, 2, 3) where the grid lies in the brain's normalized coordinates (first and last
+            voxel centre per axis, the brain box mapped to [-1, 1]) when the grid is a crop of the
+            brain (``model.tumor_crop_size``, :mod:`common.model.tumor_crop`); ``brain`` is then unused.
     """
     b = regions.shape[0]
     grid = regions.shape[2:]
@@ -76,6 +81,8 @@ def tumor_descriptors(regions: torch.Tensor, brain: torch.Tensor | None, spacing
     ncr = (tc - et).clamp_min(0.0)
     fractions = torch.stack([et / (tc + EPS), ncr / (tc + EPS), tc / (wt + EPS)], dim=1).clamp(0.0, 1.0)
 
+    if frame is not None:
+        return torch.cat([torch.log1p(ml), fractions, *_framed_location(regions[:, 0], frame)], dim=1)
     # Brain box in voxel coordinates -> [-1, 1] per axis, so location is comparable across cases.
     axes = [torch.linspace(-1.0, 1.0, n, device=regions.device) for n in grid]
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).flatten(1)  # (3, V)
@@ -93,6 +100,25 @@ def tumor_descriptors(regions: torch.Tensor, brain: torch.Tensor | None, spacing
     extent = (spread.sqrt() / half).mean(dim=1, keepdim=True)
     centroid = ((centroid - centre) / half).clamp(-1.5, 1.5)
     return torch.cat([torch.log1p(ml), fractions, centroid, extent], dim=1)
+
+
+def _framed_location(wt: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroid (B, 3), extent (B, 1)) of the WT map ``wt`` (B, N, N, N) on a grid whose voxel
+    centres run from ``frame[:, 0]`` to ``frame[:, 1]`` in brain-normalized coordinates: the same
+    quantities as for a whole-brain grid, where the brain box's half-size is the unit."""
+    steps = torch.linspace(0.0, 1.0, wt.shape[1], device=wt.device)
+    lo, hi = frame[:, 0].float(), frame[:, 1].float()  # (B, 3)
+    axes = lo[:, :, None] + (hi - lo)[:, :, None] * steps  # (B, 3, N): coordinate of each index per axis
+    w = wt.float()
+    mass = w.flatten(1).sum(-1) + EPS
+    centroid, spread = [], []
+    for axis in range(3):
+        marginal = w.sum(dim=[d for d in (1, 2, 3) if d != axis + 1])  # (B, N) WT mass per slice
+        c = (marginal * axes[:, axis]).sum(-1) / mass
+        centroid.append(c)
+        spread.append((marginal * (axes[:, axis] - c[:, None]) ** 2).sum(-1) / mass)
+    extent = torch.stack(spread, dim=1).sqrt().mean(dim=1, keepdim=True)
+    return torch.stack(centroid, dim=1).clamp(-1.5, 1.5), extent
 
 
 def region_pool(features: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
@@ -190,23 +216,24 @@ class _Heads(nn.Module):
 
     def predict(
         self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None = None,
-        spacing: torch.Tensor | None = None,
+        spacing: torch.Tensor | None = None, frame: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Logits per task and log hazard ratio (or None) from the feature maps (see ``forward``)."""
-        return self.heads_forward(*self.inputs(maps, seg_logits, brain, spacing))
+        return self.heads_forward(*self.inputs(maps, seg_logits, brain, spacing, frame))
 
     def inputs(
         self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None,
-        spacing: torch.Tensor | None,
+        spacing: torch.Tensor | None, frame: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(trunk input (B, F), direct input (B, D) or None) of a subclass's pooling."""
         raise NotImplementedError
 
     def forward(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None = None,
-                spacing: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                spacing: torch.Tensor | None = None, frame: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``maps`` (B, C_i, n_i^3); ``seg_logits`` (B, 4, N^3); ``brain`` (B, N^3) bool or None;
-        ``spacing`` (B, 3) mm or None -> ``{task: (B, 2)}``."""
-        return self.predict(maps, seg_logits, brain, spacing)[0]
+        ``spacing`` (B, 3) mm or None; ``frame`` (B, 2, 3) or None (a crop's place in the brain,
+        :func:`tumor_descriptors`) -> ``{task: (B, 2)}``."""
+        return self.predict(maps, seg_logits, brain, spacing, frame)[0]
 
 
 class GlobalPoolClassifier(_Heads):
@@ -223,7 +250,7 @@ class GlobalPoolClassifier(_Heads):
         super().__init__(2 * sum(in_channels), hidden, tasks, dropout, survival=survival)
 
     def inputs(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None,
-               spacing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               spacing: torch.Tensor | None, frame: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``maps``: feature maps (B, C_i, ...); the other arguments are unused here."""
         pooled = []
         for m in maps:
@@ -250,12 +277,12 @@ class TumorAwareClassifier(_Heads):
         self.register_buffer("descriptor_scale", torch.tensor(scale), persistent=False)
 
     def inputs(self, maps: Sequence[torch.Tensor], seg_logits: torch.Tensor, brain: torch.Tensor | None,
-               spacing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               spacing: torch.Tensor | None, frame: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Region-pooled maps and the scaled descriptors, and the descriptors again (direct path)."""
         seg_logits = seg_logits.detach()
         regions = region_probabilities(seg_logits)
         pooled = [region_pool(m.float(), regions) for m in maps]
-        descriptors = (tumor_descriptors(regions, brain, spacing) - self.descriptor_centre) / self.descriptor_scale
+        descriptors = (tumor_descriptors(regions, brain, spacing, frame) - self.descriptor_centre) / self.descriptor_scale
         return torch.cat([*pooled, descriptors], dim=1), descriptors
 
 

@@ -40,6 +40,7 @@ from common.model.classifier import CLASSIFIERS, scale_gradient
 from common.model.fusion import build_fusion
 from common.model.imputation import CrossSequenceImputer
 from common.model.task_weighting import UncertaintyWeighting
+from common.model import tumor_crop
 
 SPATIAL_DIMS = 3
 #: Instance norm with learnable affine (see module docstring) and MTTU-Net's Leaky ReLU.
@@ -282,6 +283,10 @@ class MultiTaskGliomaNet(nn.Module):
         tasks: classification tasks, one head each.
         survival: add a survival head (Cox log hazard ratio, ``classifier.survival``) and its
             uncertainty weight.
+        tumor_crop_size: 0, or the side G < ``img_size`` of the grid the network works on: the
+            whole brain at G^3, then a crop around its tumor at up to ``img_size``/G times the
+            resolution (GMMAS's tumor-protect crop, :mod:`common.model.tumor_crop`).
+        tumor_crop_margin: the crop's margin around the tumor box, a fraction of its extent per side.
     """
 
     def __init__(
@@ -304,11 +309,15 @@ class MultiTaskGliomaNet(nn.Module):
         num_seg_classes: int = 4,
         tasks: Sequence[str] = TASKS,
         survival: bool = False,
+        tumor_crop_size: int = 0,
+        tumor_crop_margin: float = 0.25,
     ) -> None:
         super().__init__()
         tasks = tuple(tasks)
+        tumor_crop.check_crop(tumor_crop_size, img_size, tumor_crop_margin)
+        grid = tumor_crop_size or img_size
         _check_args(
-            img_size,
+            grid,
             in_sequences,
             {
                 "stem_channels": stem_channels,
@@ -327,7 +336,10 @@ class MultiTaskGliomaNet(nn.Module):
             cls_encoder_grad,
             classifier_head_init,
         )
-        self.img_size = img_size
+        self.img_size = img_size  # the input's side (data.size)
+        self.grid_size = grid  # the side the stems, encoder and decoder work on
+        self.tumor_crop_size = tumor_crop_size
+        self.tumor_crop_margin = tumor_crop_margin
         self.in_sequences = in_sequences
         self.stem_channels = stem_channels
         self.tasks = tasks
@@ -339,7 +351,7 @@ class MultiTaskGliomaNet(nn.Module):
             self.imputer = CrossSequenceImputer(channels=stem_channels, num_sequences=in_sequences)
         self.fusion = build_fusion(fusion, channels=stem_channels, num_sequences=in_sequences)
         self.encoder = CNNTransformerEncoder(
-            stem_channels, base_channels, d_model, transformer_layers, heads, img_size, feature_dropout
+            stem_channels, base_channels, d_model, transformer_layers, heads, grid, feature_dropout
         )
         widths = self.encoder.widths
         self.decoder = SegmentationDecoder(widths, d_model, num_seg_classes)
@@ -354,12 +366,13 @@ class MultiTaskGliomaNet(nn.Module):
         self.task_weighting = UncertaintyWeighting((SEG_TERM, *tasks, *((SURVIVAL_TERM,) if survival else ())))
 
     # ---------------------------------------------------------------- checks
-    def _check_inputs(self, image: torch.Tensor, available: torch.Tensor) -> None:
-        n, s = self.img_size, self.in_sequences
+    def _check_inputs(self, image: torch.Tensor, available: torch.Tensor, size: int | None = None) -> None:
+        n, s = size or self.img_size, self.in_sequences
         if image.ndim != 5 or tuple(image.shape[1:]) != (s, n, n, n):
+            what = "the network's grid (model.tumor_crop_size)" if n != self.img_size else "this model"
             raise ValueError(
-                f"image must be (B, {s}, {n}, {n}, {n}) for this model (img_size={n}), got "
-                f"{tuple(image.shape)}: resize/crop cases to data.size={n} or build the model for this size"
+                f"image must be (B, {s}, {n}, {n}, {n}) for {what} (img_size={self.img_size}), got "
+                f"{tuple(image.shape)}: resize/crop cases to data.size={self.img_size} or build the model for this size"
             )
         if available.shape != (image.shape[0], s):
             raise ValueError(f"available must be (B, {s}) bool, got {tuple(available.shape)}")
@@ -373,9 +386,10 @@ class MultiTaskGliomaNet(nn.Module):
             available: (B, S) bool.
 
         Returns:
-            (B, S, C_stem, N, N, N); exactly zero for missing sequences.
+            (B, S, C_stem, N, N, N); exactly zero for missing sequences. N is the network's grid
+            (``img_size``, or ``tumor_crop_size`` with the crop: :meth:`forward` resizes to it).
         """
-        self._check_inputs(image, available)
+        self._check_inputs(image, available, self.grid_size)
         available = available.bool()
         b = image.shape[0]
         features: torch.Tensor | None = None
@@ -401,6 +415,7 @@ class MultiTaskGliomaNet(nn.Module):
         brain: torch.Tensor | None = None,
         spacing: torch.Tensor | None = None,
         reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+        frame: torch.Tensor | None = None,
     ) -> GliomaOutput:
         """Everything after the stems: [imputation], fusion, encoder and heads.
 
@@ -413,6 +428,7 @@ class MultiTaskGliomaNet(nn.Module):
             reference: (seg (B, 1 or none, N, N, N) label map, has_seg (B,) bool) or None: the
                 classifier reads the tumor regions of the reference segmentation for the cases
                 that have one, the predicted ones for the others (see :func:`classifier_regions`).
+            frame: (B, 2, 3) where a tumor crop lies in the brain (:func:`tumor_crop.brain_frame`), or None.
         """
         available = available.bool()
         aux: dict[str, torch.Tensor] = {}
@@ -427,38 +443,108 @@ class MultiTaskGliomaNet(nn.Module):
         seg_logits = self.decoder(encoded)
         maps = [scale_gradient(m, self.cls_encoder_grad) for m in (encoded.levels[2], encoded.bottleneck)]
         regions = seg_logits if reference is None else classifier_regions(seg_logits, *reference)
-        cls_logits, risk = self.classifier.predict(maps, regions, brain, spacing)
+        cls_logits, risk = self.classifier.predict(maps, regions, brain, spacing, frame)
         return GliomaOutput(seg_logits=seg_logits, cls_logits=cls_logits, aux=aux, risk=risk)
 
     def classifier_inputs(
         self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None = None
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """What :meth:`forward` hands the classifier: (feature maps, segmentation logits, brain
-        mask, spacing); ``self.classifier.predict(*inputs)`` then gives its output. MC-dropout runs
-        only that last part again when the layers before it have no dropout
+        mask, spacing, crop frame); ``self.classifier.predict(*inputs)`` then gives its output.
+        MC-dropout runs only that last part again when the layers before it have no dropout
         (:func:`common.evaluation.uncertainty.mc_dropout_predict`)."""
+        frame = None
+        if self.tumor_crop_size:
+            self._check_inputs(image, available)
+            _, (image, spacing, frame, _, _) = self._crop_views(image, available, spacing, None, None)
         features = self.encode_sequences(image, available)
-        brain = (image != 0).any(dim=1)
+        brain = (image != 0).any(dim=1) if frame is None else None
         available = available.bool()
         if self.imputation:
             features = self.imputer(features, available).features
             available = torch.ones_like(available)
         encoded = self.encoder(self.fusion(features, available))
         seg_logits = self.decoder(encoded)
-        return [encoded.levels[2], encoded.bottleneck], seg_logits, brain, spacing
+        return [encoded.levels[2], encoded.bottleneck], seg_logits, brain, spacing, frame
 
     def forward(
         self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None = None,
         reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+        crop_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> GliomaOutput:
         """``image`` (B, S, N, N, N) float, ``available`` (B, S) bool, ``spacing`` (B, 3) mm of the
         grid (None: 1 mm; only the tumor volumes in mL use it) -> :class:`GliomaOutput`.
         ``reference`` (training only, ``train.cls_reference_regions``): (seg, has_seg) whose tumor
-        regions the classifier reads instead of the predicted ones."""
+        regions the classifier reads instead of the predicted ones. ``crop_reference`` (training
+        only, with ``tumor_crop_size``): (seg, has_seg) whose tumor the crop protects where a case
+        has one (else the predicted tumor)."""
+        if self.tumor_crop_size:
+            return self._forward_cropped(image, available, spacing, reference, crop_reference)
+        return self._forward_grid(image, available, spacing, reference)
+
+    def _forward_grid(
+        self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None,
+        reference: tuple[torch.Tensor, torch.Tensor] | None = None, frame: torch.Tensor | None = None,
+    ) -> GliomaOutput:
+        """One pass over an image on the network's own grid."""
         features = self.encode_sequences(image, available)
-        brain = (image != 0).any(dim=1)
+        brain = (image != 0).any(dim=1) if frame is None else None
         return self.forward_from_sequence_features(features, available, brain=brain, spacing=spacing,
-                                                   reference=reference)
+                                                   reference=reference, frame=frame)
+
+    def _crop_views(
+        self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None,
+        reference: tuple[torch.Tensor, torch.Tensor] | None, crop_reference: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[GliomaOutput, tuple]:
+        """Pass 1 on the whole brain and the tumor crop for pass 2 (:mod:`common.model.tumor_crop`):
+        (pass-1 output, (crop image, crop spacing, frame, (start, side), crop reference or None))."""
+        n, g = self.img_size, self.grid_size
+        spacing = spacing if spacing is not None else image.new_ones((image.shape[0], 3))
+        factor = n / g
+        whole = F.interpolate(image, size=(g,) * 3, mode="area")
+        whole_ref = None
+        if reference is not None:
+            seg, has_seg = reference
+            whole_ref = (F.interpolate(seg.reshape(-1, 1, n, n, n).float(), size=(g,) * 3, mode=tumor_crop.LABEL_MODE),
+                         has_seg)
+        first = self._forward_grid(whole, available, spacing * factor, whole_ref)
+        with torch.no_grad():
+            lo, hi, _ = tumor_crop.bounding_boxes(first.seg_logits.argmax(dim=1) > 0)
+            lo, hi = tumor_crop.scale_boxes(lo, hi, factor, n)
+            if crop_reference is not None:
+                seg, has_seg = crop_reference
+                ref_lo, ref_hi, found = tumor_crop.bounding_boxes(seg.reshape(-1, n, n, n) > 0)
+                use = (found & has_seg.bool())[:, None]
+                lo, hi = torch.where(use, ref_lo, lo), torch.where(use, ref_hi, hi)
+            start, side = tumor_crop.crop_cubes(lo, hi, n, g, self.tumor_crop_margin,
+                                                jitter=self.training and crop_reference is not None)
+            frame = tumor_crop.brain_frame((image != 0).any(dim=1), start, side, g)
+        crop = tumor_crop.cut(image, start, side, g)
+        crop_spacing = spacing * (side.to(spacing.dtype)[:, None] / g)
+        crop_ref = None
+        if reference is not None:
+            seg, has_seg = reference
+            crop_ref = (tumor_crop.cut(seg.reshape(-1, 1, n, n, n).float(), start, side, g, tumor_crop.LABEL_MODE),
+                        has_seg)
+        return first, (crop, crop_spacing, frame, (start, side), crop_ref)
+
+    def _forward_cropped(
+        self, image: torch.Tensor, available: torch.Tensor, spacing: torch.Tensor | None,
+        reference: tuple[torch.Tensor, torch.Tensor] | None, crop_reference: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> GliomaOutput:
+        """Whole brain, then the tumor crop (module docstring of :mod:`common.model.tumor_crop`)."""
+        self._check_inputs(image, available)
+        first, (crop, crop_spacing, frame, (start, side), crop_ref) = self._crop_views(
+            image, available, spacing, reference, crop_reference)
+        second = self._forward_grid(crop, available, crop_spacing, crop_ref, frame)
+        n = self.img_size
+        seg_logits = tumor_crop.paste_mean(
+            F.interpolate(first.seg_logits, size=(n,) * 3, mode="trilinear", align_corners=False),
+            second.seg_logits, start, side)
+        aux = dict(first.aux)
+        if "imputation_gate" in second.aux:
+            aux["imputation_gate"] = (first.aux["imputation_gate"] + second.aux["imputation_gate"]) / 2
+        return GliomaOutput(seg_logits=seg_logits, cls_logits=second.cls_logits, aux=aux, risk=second.risk)
 
     # ------------------------------------------------------------ parameters
     def param_groups(self) -> dict[str, list[str]]:
@@ -518,4 +604,6 @@ def build_model(cfg: ModelConfig, img_size: int, *, seed: int | None = None) -> 
         cls_encoder_grad=cfg.cls_encoder_grad,
         classifier_head_init=cfg.classifier_head_init,
         survival=cfg.survival_head,
+        tumor_crop_size=cfg.tumor_crop_size,
+        tumor_crop_margin=cfg.tumor_crop_margin,
     )

@@ -24,6 +24,9 @@ held-out center 200 cases):
                        (``train.head_lr_scale=1``; the default is 10);
 * ``fed-tumor-randinit`` ``fed-tumor`` with the classifier's output layers at a random start
                        (``model.classifier_head_init=random``; the default is zero);
+* ``fed-tumor-crop``     ``fed-tumor`` with GMMAS's tumor-protect crop (``model.tumor_crop_size=32``
+                       on ``data.size=64``: the whole brain at 32^3, then the tumor at up to 64^3's
+                       resolution, :mod:`common.model.tumor_crop`);
 * ``fed-tumor-refregions``, ``central-tumor-refregions`` the classifier trained on the reference
                        segmentation's tumor regions (``train.cls_reference_regions``), the predicted
                        ones at validation and on the held-out center.
@@ -77,6 +80,9 @@ NETWORK_ARMS: dict[str, list[str]] = {
     # the heads trained on the reference segmentation's tumor regions (predicted ones at validation)
     "fed-tumor-refregions": ["train.cls_reference_regions=true"],
     "central-tumor-refregions": ["train.cls_reference_regions=true"],
+    # GMMAS's tumor-protect crop: the data at 64^3, the network at 32^3 on the whole brain, then on a
+    # cube around its (predicted; in training the reference) tumor cut from the 64^3 grid
+    "fed-tumor-crop": ["data.size=64", "model.tumor_crop_size=32"],
 }
 ARMS = ("prior", "lr-gt", "lr-pred", *NETWORK_ARMS)
 SCORES = ("auc", "bacc", "sen", "spe", "ece")

@@ -297,6 +297,23 @@ def test_a_case_with_two_sequences_is_zero_filled_or_imputed(cohort: Path, check
     assert nib.load(tmp_path / "a" / "heldout-003" / SEGMENTATION_FILE).shape == nib.load(case / "heldout-003-t1c.nii.gz").shape
 
 
+def test_a_tumor_crop_model_predicts_on_the_case_grid(cohort: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint with model.tumor_crop_size (the network at 16^3, the data at 32^3) predicts a
+    new case like any other: its mask on the case's own grid, markers and volumes in the report."""
+    cfg = compose(["+experiment=tiny", "data.size=32", "model.tumor_crop_size=16"])
+    path = tmp_path / "crop.pt"
+    torch.save({"round": 0, "state_dict": build_model(cfg.model, 32, seed=0).state_dict(),
+                "model": dict(to_mapping(cfg)["model"]), "size": 32}, path)
+    case = cohort / "heldout" / "heldout-001"
+    code, _, err = _predict(capsys, case, "--model", path, "--out", tmp_path / "out", "--mc-passes", 2)
+    assert code == 0, err
+    written = tmp_path / "out" / "heldout-001"
+    assert nib.load(written / SEGMENTATION_FILE).shape == nib.load(case / "heldout-001-t1c.nii.gz").shape
+    report = json.loads((written / PREDICTION_JSON).read_text())
+    assert set(report["markers"]) == set(TASKS)
+
+
 def test_a_corrupt_nifti_is_named_without_a_traceback(cohort: Path, checkpoint: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     case = tmp_path / "heldout-002"
