@@ -298,7 +298,9 @@ class FederationMixin:
                     "stage" if train else "validation")
                 continue
             kept.append((name, reply))
-        return kept
+        # averaged in the order of the sites' names, not of their arrival: float sums depend on their
+        # order, and the same updates should give the same global model (reproducible runs)
+        return sorted(kept, key=lambda item: item[0])
 
     def _take_validation(self, name: str, content: RecordDict, received: int) -> None:
         """Move the ``val/`` metrics (the site's validation of a global model it received) out of a

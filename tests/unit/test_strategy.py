@@ -242,3 +242,18 @@ def test_site_validations_are_filed_under_the_model_they_name_and_failures_are_n
     strategy.aggregate_train(4, [reply(1, "site-a", 1.0, 5, **{"val/global-round": 4.0, "val/dice_wt": 0.9}),
                                  reply(2, "site-b", 1.0, 5)])
     assert calls[-1] == ({}, 2)
+
+
+def test_the_average_does_not_depend_on_the_order_the_replies_arrive_in() -> None:
+    """Float sums depend on their order; the sites' replies are averaged in the order of their names,
+    so the same updates give the same global model bit for bit, whichever site finished first."""
+    def average(order: list[int]) -> np.ndarray:
+        strategy = make_strategy(min_nodes=3)
+        list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), FakeGrid([1, 2, 3])))
+        replies = {1: reply(1, "site-a", 1.0, 10), 2: reply(2, "site-b", 3e-8, 10), 3: reply(3, "site-c", -1.0, 10)}
+        arrays, _ = strategy.aggregate_train(1, [replies[node] for node in order])
+        return arrays["w"].numpy()
+
+    first = average([1, 2, 3])
+    for order in ([1, 3, 2], [3, 2, 1], [2, 3, 1]):
+        assert np.array_equal(average(order), first), order
